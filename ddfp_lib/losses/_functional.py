@@ -1,0 +1,99 @@
+"""Pure-function forms of the losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["consistency_loss", "pseudo_labels"]
+
+NORMALIZATIONS = ("valid", "confident")
+
+
+def pseudo_labels(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and argmax pseudo-label of detached teacher logits.
+
+    Shape:
+        - teacher_logits: ``(B, K, H, W)`` -> confidence ``(B, H, W)`` float32, labels ``(B, H, W)`` long
+    """
+    probs = teacher_logits.detach().float().softmax(dim=1)
+    confidence, labels = probs.max(dim=1)
+    return confidence, labels
+
+
+def consistency_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    ignore_mask: torch.Tensor | None = None,
+    threshold: float = 0.95,
+    ignore_index: int = 255,
+    normalization: str = "valid",
+) -> torch.Tensor:
+    """Confidence-masked cross-entropy towards pseudo-labels.
+
+    ``sum_p CE(logits_p, y_p) [conf_p >= threshold] [p not ignored] / Z`` with ``Z`` the number of
+    not-ignored pixels (``normalization="valid"``, UniMatch) or of confident not-ignored pixels
+    (``"confident"``, the reference DDFP code). No pixel to count gives 0.
+
+    Args:
+        logits: student prediction.
+        target: teacher logits (softmax gives confidence and pseudo-label; no gradient flows into
+            them), or hard labels with ``confidence`` given. Hard labels equal to ``ignore_index``
+            are ignored.
+        confidence: per-pixel confidence of hard labels.
+        ignore_mask: pixels equal to ``ignore_index`` are ignored (padding).
+        threshold: minimum confidence of a counted pixel.
+        ignore_index: the value marking ignored pixels.
+        normalization: "valid" or "confident".
+
+    Shape:
+        - logits: ``(B, K, H, W)``
+        - target: ``(B, K, H, W)`` float, or ``(B, H, W)`` long
+        - confidence, ignore_mask: ``(B, H, W)``
+        - returns: scalar
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a float tensor (B, K, H, W), got {shape}")
+    b, _, h, w = logits.shape
+    pixel_shape = (b, h, w)
+    if target.is_floating_point():
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"teacher logits have shape {tuple(target.shape)}, expected {tuple(logits.shape)}"
+            )
+        if confidence is not None:
+            raise ValueError(
+                "confidence is derived from teacher logits; pass it only with hard labels"
+            )
+        confidence, labels = pseudo_labels(target)
+        valid = torch.ones(pixel_shape, dtype=torch.bool, device=logits.device)
+    else:
+        if tuple(target.shape) != pixel_shape:
+            raise ValueError(
+                f"hard labels have shape {tuple(target.shape)}, expected {pixel_shape}"
+            )
+        if confidence is None:
+            raise ValueError("hard labels need a confidence map (B, H, W)")
+        if tuple(confidence.shape) != pixel_shape:
+            raise ValueError(
+                f"confidence has shape {tuple(confidence.shape)}, expected {pixel_shape}"
+            )
+        labels = target.long()
+        valid = labels != ignore_index
+        labels = torch.where(valid, labels, torch.zeros_like(labels))
+        confidence = confidence.detach().float()
+    if ignore_mask is not None:
+        if tuple(ignore_mask.shape) != pixel_shape:
+            raise ValueError(
+                f"ignore_mask has shape {tuple(ignore_mask.shape)}, expected {pixel_shape}"
+            )
+        valid = valid & (ignore_mask != ignore_index)
+    per_pixel = F.cross_entropy(logits.float(), labels, reduction="none")
+    counted = valid & (confidence >= threshold)
+    total = (per_pixel * counted).sum()
+    denominator = valid.sum() if normalization == "valid" else counted.sum()
+    return total / denominator.clamp_min(1)

@@ -1,0 +1,111 @@
+"""Density-Descending Feature Perturbation (DDFP).
+
+    delta = eps * g / ||g||_2 (per pixel, over channels),    g = d/d(features) sum_{masked} -log p(head(features))
+
+The perturbed features ``features + delta`` lie lower on the learned feature density; the classifier
+is then trained to keep its prediction for them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import RowLayout, check_mask, check_positive
+from ..density import FlowDensityEstimator
+from .base import FeaturePerturbation, Head, call_head_without_side_effects, per_pixel_unit
+
+__all__ = ["DensityDescendingPerturbation", "density_descent_direction"]
+
+
+def density_descent_direction(
+    estimator: FlowDensityEstimator,
+    features: torch.Tensor,
+    head: Head | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pixel unit direction in which the summed NLL of the masked pixels grows fastest.
+
+    One batched autograd call; no host-device synchronisation. Pixels whose gradient is zero (e.g.
+    outside the mask's receptive field) get a zero direction.
+
+    Args:
+        estimator: the density of the head's output space.
+        features: the features to perturb (no gradient is taken through them here).
+        head: maps features to the estimator's space; None if they already are there.
+        mask: bool, the head-output pixels whose NLL counts; None = all.
+
+    Shape:
+        - features: ``(B, C, H, W)`` or ``(N, C)``; head output ``(B, D, H', W')`` or ``(N, D)``
+        - mask: ``(B, H', W')`` or ``(N,)``
+        - returns: shape of ``features``, float32, unit or zero norm per pixel
+    """
+    with torch.enable_grad():
+        leaf = features.detach().requires_grad_(True)
+        mapped = call_head_without_side_effects(head, leaf)
+        layout = RowLayout(mapped, estimator.dim, "head output" if head is not None else "features")
+        if layout.ndim != features.dim():
+            raise ValueError(
+                f"head output has shape {tuple(mapped.shape)}; it must keep the layout of the "
+                f"features {tuple(features.shape)}"
+            )
+        nll = -estimator.log_prob_rows(layout.to_rows(mapped))
+        if mask is not None:
+            check_mask(mask, layout.row_shape)
+            nll = nll * layout.values_to_rows(mask).to(nll.dtype)
+        (gradient,) = torch.autograd.grad(nll.sum(), leaf)
+    return per_pixel_unit(gradient.float(), channel_dim=1)
+
+
+class DensityDescendingPerturbation(FeaturePerturbation):
+    """Push features down the learned density: ``features + eps * g / ||g||_2``, with ``g`` the
+    gradient of the masked pixels' summed NLL ``-log p(head(features))``.
+
+    ``delta`` is a constant: gradients flow to ``features`` as through the identity. The head's
+    parameters get no ``.grad``, its BatchNorm statistics do not change, and the estimator is not
+    updated. Works under ``torch.autocast`` (the density is evaluated in float32).
+
+    Args:
+        estimator: the online-trained density of the head output.
+        eps: per-pixel L2 norm of the perturbation.
+
+    Shape:
+        - features: ``(B, C, H, W)`` or ``(N, C)``
+        - mask: bool ``(B, H', W')`` or ``(N,)`` at the head output's resolution
+        - output: same shape and dtype as features
+
+    References:
+        Wang et al., "Towards the Uncharted: Density-Descending Feature Perturbation for
+        Semi-supervised Semantic Segmentation", CVPR 2024.
+
+    Example:
+        >>> est = FlowDensityEstimator(dim=8, num_classes=3, hidden_dim=16, seed=0)
+        >>> ddfp = DensityDescendingPerturbation(est, eps=2.0)
+        >>> features = torch.randn(2, 8, 4, 4)
+        >>> perturbed = ddfp(features)
+        >>> delta_norm = (perturbed - features).norm(dim=1)
+        >>> bool(torch.allclose(delta_norm, torch.full_like(delta_norm, 2.0), atol=1e-4))
+        True
+    """
+
+    def __init__(self, estimator: FlowDensityEstimator, eps: float = 4.0):
+        super().__init__()
+        if not isinstance(estimator, FlowDensityEstimator):
+            raise ValueError(
+                f"estimator must be a FlowDensityEstimator, got {type(estimator).__name__}"
+            )
+        self.estimator = estimator
+        self.eps = check_positive(eps, "eps")
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+    def perturb(
+        self,
+        features: torch.Tensor,
+        head: Head | None,
+        mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        direction = density_descent_direction(self.estimator, features, head, mask)
+        delta = (self.eps * direction).to(features.dtype)
+        return features + delta

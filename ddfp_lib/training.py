@@ -1,0 +1,262 @@
+"""Online training of a FlowDensityEstimator inside a segmentation loop.
+
+Each call of :meth:`OnlineFlowTrainer.step` takes the detached features of the current batch, labels
+the labelled pixels with their ground-truth class and the rest with the unknown class, draws at most
+``max_samples`` of them, jitters them with Gaussian noise and takes one Adam step on their NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ._checks import autocast_off, check_finite, check_positive
+from .density import UNKNOWN_CLASS, FlowDensityEstimator
+
+__all__ = ["OnlineFlowTrainer", "feature_rows_and_labels"]
+
+Features = Union[torch.Tensor, Sequence[torch.Tensor]]
+Labels = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+
+def feature_rows_and_labels(
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_classes: int,
+    ignore_index: int = 255,
+    sync_free: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten a feature map to rows with per-row labels and a validity flag.
+
+    Labels are resized to the feature resolution with nearest-neighbour sampling. A label in
+    ``[0, K)`` keeps its class, ``-1`` is the unknown class, ``ignore_index`` marks pixels to drop;
+    ``labels=None`` makes every pixel unknown.
+
+    Args:
+        features: feature map.
+        labels: label map at any resolution, or None.
+        num_classes: K.
+        ignore_index: label of pixels that are left out.
+        sync_free: check label values with a device-side assertion instead of raising on the host.
+
+    Shape:
+        - features: ``(B, D, h, w)``; labels: ``(B, H, W)``
+        - returns rows ``(B*h*w, D)``, row labels ``(B*h*w,)`` in ``[-1, K)``, valid ``(B*h*w,)`` bool
+    """
+    if features.dim() != 4:
+        raise ValueError(f"features must be (B, D, h, w), got shape {tuple(features.shape)}")
+    b, _, h, w = features.shape
+    rows = rearrange(features, "b d h w -> (b h w) d")
+    if labels is None:
+        row_labels = torch.full((b * h * w,), UNKNOWN_CLASS, dtype=torch.long, device=rows.device)
+        return rows, row_labels, torch.ones_like(row_labels, dtype=torch.bool)
+    if labels.dim() != 3 or labels.shape[0] != b:
+        raise ValueError(
+            f"labels must be (B, H, W) with B={b} to match the features, got {tuple(labels.shape)}"
+        )
+    if labels.shape[-2:] != (h, w):
+        labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0]
+    row_labels = labels.reshape(-1).long().to(rows.device)
+    valid = row_labels != ignore_index
+    in_range = (row_labels >= UNKNOWN_CLASS) & (row_labels < num_classes)
+    if sync_free and row_labels.device.type != "cpu":
+        torch._assert_async((in_range | ~valid).all(), "labels outside [-1, K) and not ignored")
+    elif not bool((in_range | ~valid).all()):
+        bad = row_labels[~in_range & valid]
+        raise ValueError(
+            f"label {int(bad[0])} is neither a class in [0, {num_classes}), {UNKNOWN_CLASS} "
+            f"(unknown) nor ignore_index={ignore_index}"
+        )
+    row_labels = torch.where(valid, row_labels, torch.full_like(row_labels, UNKNOWN_CLASS))
+    return rows, row_labels, valid
+
+
+class OnlineFlowTrainer:
+    """One Adam step of the flow's NLL per segmentation iteration, on a sample of the batch's features.
+
+    Args:
+        estimator: the FlowDensityEstimator to train (kept in float32).
+        lr: Adam learning rate.
+        betas: Adam betas.
+        max_samples: at most this many feature rows enter one step (uniformly drawn among valid rows).
+        noise_std: standard deviation of the Gaussian jitter added to the sampled features.
+        grad_clip: max total gradient norm; None disables clipping.
+        total_steps: length of training in steps; the learning rate then decays exponentially
+            to ``final_lr_factor * lr``. None keeps it constant.
+        final_lr_factor: the learning-rate factor reached at ``total_steps``.
+        ignore_index: label value of pixels left out (padding, void).
+        sync_gradients: average gradients over the ranks of an initialised torch.distributed group
+            (and broadcast rank 0's weights once), so that every rank keeps an identical flow.
+            "auto" does so whenever a group with more than one rank is initialised.
+
+    Example:
+        >>> est = FlowDensityEstimator(dim=4, num_classes=2, hidden_dim=8, seed=0)
+        >>> trainer = OnlineFlowTrainer(est, total_steps=100)
+        >>> features = torch.randn(2, 4, 5, 5)
+        >>> labels = torch.randint(0, 2, (2, 20, 20))
+        >>> loss = trainer.step(features, labels)
+        >>> loss.shape, trainer.num_steps
+        (torch.Size([]), 1)
+    """
+
+    def __init__(
+        self,
+        estimator: FlowDensityEstimator,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.9),
+        max_samples: int = 20480,
+        noise_std: float = 0.05,
+        grad_clip: float | None = 50.0,
+        total_steps: int | None = None,
+        final_lr_factor: float = 0.01,
+        ignore_index: int = 255,
+        sync_gradients: bool | str = "auto",
+    ):
+        if not isinstance(estimator, FlowDensityEstimator):
+            raise ValueError(
+                f"estimator must be a FlowDensityEstimator, got {type(estimator).__name__}"
+            )
+        check_positive(lr, "lr")
+        if int(max_samples) < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if grad_clip is not None:
+            check_positive(grad_clip, "grad_clip")
+        if total_steps is not None and int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps}")
+        check_positive(final_lr_factor, "final_lr_factor")
+        self.estimator = estimator
+        self.max_samples = int(max_samples)
+        self.noise_std = float(noise_std)
+        self.grad_clip = grad_clip
+        self.total_steps = total_steps
+        self.final_lr_factor = float(final_lr_factor)
+        self.ignore_index = ignore_index
+        self.optimizer = torch.optim.Adam(estimator.parameters(), lr=lr, betas=betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.num_steps = 0
+        self._distributed = self._resolve_distributed(sync_gradients)
+        if self._distributed:
+            self._broadcast_parameters()
+
+    def _lr_factor(self, step: int) -> float:
+        if self.total_steps is None:
+            return 1.0
+        return math.exp(math.log(self.final_lr_factor) * min(step / self.total_steps, 1.0))
+
+    @staticmethod
+    def _resolve_distributed(sync_gradients: bool | str) -> bool:
+        dist = torch.distributed
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if sync_gradients == "auto":
+            return active
+        if sync_gradients and not active:
+            raise ValueError("sync_gradients=True needs an initialised torch.distributed group")
+        return bool(sync_gradients)
+
+    def _broadcast_parameters(self) -> None:
+        with torch.no_grad():
+            for tensor in list(self.estimator.parameters()) + list(self.estimator.buffers()):
+                torch.distributed.broadcast(tensor, src=0)
+
+    def _average_gradients(self) -> None:
+        world = torch.distributed.get_world_size()
+        for p in self.estimator.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    def sample(
+        self, features: Features, labels: Labels = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw the rows of one step: returns rows ``(M, D)``, labels ``(M,)``, weights ``(M,)``.
+
+        ``M = min(max_samples, total rows)``. Rows are drawn uniformly among the valid rows with a
+        fixed-size top-k of random keys, so nothing depends on the data on the host; when fewer
+        valid rows exist than ``M``, the extra rows get weight 0.
+        """
+        feature_list = [features] if isinstance(features, torch.Tensor) else list(features)
+        if labels is None or isinstance(labels, torch.Tensor):
+            label_list = [labels] + [None] * (len(feature_list) - 1)
+        else:
+            label_list = list(labels)
+        if len(label_list) != len(feature_list):
+            raise ValueError(
+                f"got {len(feature_list)} feature maps but {len(label_list)} label maps"
+            )
+        pieces = [
+            feature_rows_and_labels(
+                f.detach(), y, self.estimator.num_classes, self.ignore_index, sync_free=True
+            )
+            for f, y in zip(feature_list, label_list)
+        ]
+        rows = torch.cat([p[0] for p in pieces]).float()
+        row_labels = torch.cat([p[1] for p in pieces])
+        valid = torch.cat([p[2] for p in pieces])
+        if rows.shape[1] != self.estimator.dim:
+            raise ValueError(
+                f"features have {rows.shape[1]} channels, the estimator expects {self.estimator.dim}"
+            )
+        count = min(self.max_samples, rows.shape[0])
+        keys = torch.rand(rows.shape[0], device=rows.device)
+        keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
+        index = torch.topk(keys, count, sorted=False).indices
+        return rows[index], row_labels[index], valid[index].float()
+
+    def step(self, features: Features, labels: Labels = None) -> torch.Tensor:
+        """One optimisation step of the flow.
+
+        Args:
+            features: a feature map, or a sequence of them (e.g. labelled and unlabelled batches).
+                Detached here; gradients never reach the segmenter.
+            labels: matching label maps (any resolution, resized with nearest): class indices,
+                ``-1`` for unknown, ``ignore_index`` to drop. None (or a None entry) = all unknown.
+
+        Shape:
+            - features: ``(B, D, h, w)`` each; labels: ``(B, H, W)`` each
+
+        Returns:
+            The weighted mean NLL of the sampled rows before the step, a detached 0-dim tensor
+            (no host synchronisation).
+        """
+        rows, row_labels, weights = self.sample(features, labels)
+        check_finite(rows, "features", sync_free=True)
+        self.estimator.train()
+        device_type = rows.device.type
+        with autocast_off(device_type), torch.enable_grad():
+            if self.noise_std > 0:
+                rows = rows + self.noise_std * torch.randn_like(rows)
+            log_p = self.estimator.log_prob_rows(rows, row_labels)
+            loss = -(log_p * weights).sum() / weights.sum().clamp_min(1.0)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self._distributed:
+            self._average_gradients()
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.estimator.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.num_steps += 1
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        """Optimiser, schedule and step count (the estimator's weights live in its own state dict)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "num_steps": self.num_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.num_steps = int(state["num_steps"])

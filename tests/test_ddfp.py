@@ -1,0 +1,210 @@
+"""DensityDescendingPerturbation against the analytic mixture gradient, and its side-effect rules."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator
+
+
+def permuted(est, x):
+    for t in est.flow._transforms:
+        if hasattr(t, "_permutation"):
+            x = x[:, t._permutation]
+    return x
+
+
+def analytic_nll_gradient64(est, rows):
+    """d/dx of -log mixture(P x) in float64: P^T sum_k r_k (z - mu_k), r the responsibilities."""
+    rows = rows.double()
+    z = permuted(est, rows)
+    means = est.means.detach().double()
+    diff = z[:, None, :] - means[None]
+    resp = torch.softmax(-0.5 * (diff**2).sum(-1), dim=1)
+    grad_z = (resp[..., None] * diff).sum(1)
+    grad_x = torch.empty_like(grad_z)
+    perm_total = permuted(est, torch.arange(rows.shape[1])[None].double())[0].long()
+    grad_x[:, perm_total] = grad_z
+    return grad_x
+
+
+def fuse_block(in_ch=12, out_ch=8):
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(),
+        nn.Dropout2d(0.1),
+    )
+
+
+def test_direction_matches_analytic_mixture_gradient_and_norm_is_eps_on_masked_pixels():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(est, eps=4.0)
+    features = torch.randn(2, 8, 5, 6)
+    mask = torch.rand(2, 5, 6) > 0.4
+    delta = ddfp(features, mask=mask) - features
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = analytic_nll_gradient64(est, rows)
+    delta_rows = delta.permute(0, 2, 3, 1).reshape(-1, 8).double()
+    m = mask.reshape(-1)
+    cosine = torch.cosine_similarity(delta_rows[m], expected[m], dim=1)
+    assert cosine.min() > 0.999
+    norms = delta_rows.norm(dim=1)
+    assert torch.allclose(norms[m], torch.full_like(norms[m], 4.0), atol=1e-4)
+    assert torch.equal(norms[~m], torch.zeros_like(norms[~m]))
+
+
+def test_all_false_mask_returns_the_input_unchanged():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    features = torch.randn(2, 8, 4, 4)
+    out = DensityDescendingPerturbation(est)(features, mask=torch.zeros(2, 4, 4, dtype=torch.bool))
+    assert torch.equal(out, features)
+    assert not torch.isnan(out).any()
+
+
+def test_map_and_row_layouts_agree():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(est, eps=2.0)
+    features = torch.randn(3, 8, 4, 5)
+    mask = torch.rand(3, 4, 5) > 0.5
+    from_map = ddfp(features, mask=mask).permute(0, 2, 3, 1).reshape(-1, 8)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 8)
+    from_rows = ddfp(rows, mask=mask.reshape(-1))
+    assert torch.allclose(from_map, from_rows, atol=1e-6)
+
+
+def test_linear_head_direction_is_head_transpose_times_density_gradient():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = nn.Conv2d(12, 8, 1, bias=True)
+    features = torch.randn(2, 12, 3, 3)
+    out = DensityDescendingPerturbation(est, eps=1.0)(features, head=head)
+    h_rows = head(features).detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    grad_h = analytic_nll_gradient64(est, h_rows)
+    grad_v = grad_h @ head.weight.detach().double()[:, :, 0, 0]
+    expected = grad_v / grad_v.norm(dim=1, keepdim=True)
+    got = (out - features).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_fuse_block_head_is_left_untouched_and_gradient_flows_as_identity():
+    torch.manual_seed(0)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    buffers_before = {k: v.clone() for k, v in head.state_dict().items()}
+    features = torch.randn(2, 12, 6, 6, requires_grad=True)
+    snapshot = features.detach().clone()
+    mask = torch.rand(2, 6, 6) > 0.3
+    out = DensityDescendingPerturbation(est, eps=4.0)(features, head=head, mask=mask)
+    assert torch.equal(features.detach(), snapshot)
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, buffers_before[name]), name
+    assert all(p.grad is None for p in head.parameters())
+    assert all(p.grad is None for p in est.parameters())
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.equal(features.grad, weights)
+    assert all(p.grad is None for p in head.parameters())
+    delta_norm = (out - features).detach().norm(dim=1)
+    assert torch.isfinite(delta_norm).all() and delta_norm.max() <= 4.0 + 1e-4
+
+
+def test_batch_is_processed_as_independent_images_in_one_call():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().eval()
+    ddfp = DensityDescendingPerturbation(est, eps=3.0)
+    features = torch.randn(3, 12, 5, 5)
+    mask = torch.rand(3, 5, 5) > 0.5
+    batched = ddfp(features, head=head, mask=mask)
+    one_by_one = torch.cat(
+        [ddfp(features[i : i + 1], head=head, mask=mask[i : i + 1]) for i in range(3)]
+    )
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_bf16_autocast_result_is_finite_and_close_to_float32():
+    torch.manual_seed(0)
+    est = FlowDensityEstimator(16, 3, hidden_dim=32, seed=0)
+    head = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1)).eval()
+    features = torch.randn(2, 24, 6, 6)
+    ddfp = DensityDescendingPerturbation(est, eps=4.0)
+    reference = ddfp(features, head=head) - features
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ddfp(features, head=head)
+    assert out.dtype == features.dtype
+    delta = out - features
+    assert torch.isfinite(delta).all()
+    cos = torch.cosine_similarity(delta.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_bf16_features_keep_their_dtype():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    features = torch.randn(2, 8, 3, 3).bfloat16()
+    out = DensityDescendingPerturbation(est)(features)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_compiled_call_matches_eager():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(est, eps=4.0)
+    head = nn.Conv2d(12, 8, 1)
+    features = torch.randn(2, 12, 4, 4)
+    mask = torch.rand(2, 4, 4) > 0.5
+    eager = ddfp(features, head=head, mask=mask)
+    compiled = torch.compile(lambda f, m: ddfp(f, head=head, mask=m), backend="eager")
+    assert torch.allclose(compiled(features, mask), eager, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
+def test_no_host_device_synchronisation_on_cuda():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).cuda()
+    ddfp = DensityDescendingPerturbation(est, eps=4.0)
+    head = fuse_block().cuda().train()
+    features = torch.randn(2, 12, 6, 6, device="cuda")
+    mask = torch.rand(2, 6, 6, device="cuda") > 0.5
+    ddfp(features, head=head, mask=mask)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ddfp(features, head=head, mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == features.shape
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d: d(torch.randn(2, 8, 3)), "shape"),
+        (lambda d: d(torch.randn(4, 7)), "feature size 7"),
+        (lambda d: d(torch.full((2, 8, 2, 2), float("nan"))), "NaN"),
+        (
+            lambda d: d(torch.randn(2, 8, 3, 3), mask=torch.ones(2, 3, 4, dtype=torch.bool)),
+            "mask has shape",
+        ),
+        (lambda d: d(torch.randn(2, 8, 3, 3), mask=torch.ones(2, 3, 3)), "torch.bool"),
+        (lambda d: d(torch.randn(2, 8, 3, 3), head=nn.Conv2d(8, 5, 1)), "expected D=8"),
+        (
+            lambda d: d(
+                torch.randn(2, 8, 3, 3),
+                head=nn.Conv2d(8, 8, 1),
+                mask=torch.ones(2, 3, dtype=torch.bool),
+            ),
+            "mask has shape",
+        ),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_problem(call, match):
+    ddfp = DensityDescendingPerturbation(FlowDensityEstimator(8, 3, hidden_dim=16, seed=0))
+    with pytest.raises(ValueError, match=match):
+        call(ddfp)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_non_positive_eps_is_rejected(eps):
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        DensityDescendingPerturbation(FlowDensityEstimator(8, 3, hidden_dim=16), eps=eps)
