@@ -1,0 +1,120 @@
+"""Evaluation: confusion-based IoU, full-image and sliding-window inference."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["IoUMeter", "evaluate", "format_iou_table", "sliding_window_logits"]
+
+
+class IoUMeter:
+    """Accumulates per-class intersection and union over predictions; ``ignore_index`` pixels skip."""
+
+    def __init__(
+        self, num_classes: int, ignore_index: int = 255, device: torch.device | None = None
+    ):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.intersection = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.union = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """prediction, target: ``(B, H, W)`` long."""
+        valid = target != self.ignore_index
+        pred = prediction[valid]
+        true = target[valid]
+        k = self.num_classes
+        counts = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k).to(self.union)
+        tp = counts.diag()
+        self.intersection += tp
+        self.union += counts.sum(0) + counts.sum(1) - tp
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.intersection)
+            dist.all_reduce(self.union)
+
+    def per_class_iou(self) -> torch.Tensor:
+        """IoU per class in [0, 1]; NaN for a class absent from both prediction and target."""
+        return torch.where(
+            self.union > 0, self.intersection / self.union.clamp_min(1), float("nan")
+        )
+
+    def miou(self) -> float:
+        iou = self.per_class_iou()
+        present = ~torch.isnan(iou)
+        return float(iou[present].mean()) if present.any() else float("nan")
+
+
+def sliding_window_logits(
+    model: nn.Module, image: torch.Tensor, num_classes: int, window: int, stride: int
+) -> torch.Tensor:
+    """Average of the logits of crop-sized windows on a regular grid covering ``image (B, 3, H, W)``."""
+    b, _, h, w = image.shape
+    logits = image.new_zeros(b, num_classes, h, w)
+    counts = image.new_zeros(1, 1, h, w)
+    rows = max(1, math.ceil((h - window) / stride) + 1)
+    cols = max(1, math.ceil((w - window) / stride) + 1)
+    for i in range(rows):
+        for j in range(cols):
+            top = min(i * stride, max(h - window, 0))
+            left = min(j * stride, max(w - window, 0))
+            crop = image[:, :, top : top + window, left : left + window]
+            logits[:, :, top : top + crop.shape[2], left : left + crop.shape[3]] += model(
+                crop
+            ).float()
+            counts[:, :, top : top + crop.shape[2], left : left + crop.shape[3]] += 1
+    return logits / counts
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    mode: str = "full",
+    window: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> IoUMeter:
+    """mIoU of ``model`` on ``loader`` (images at their own size), reduced over ranks.
+
+    ``mode="sliding"`` evaluates crop-sized windows with a stride of 2/3 of the window.
+    """
+    was_training = model.training
+    model.eval()
+    meter = IoUMeter(num_classes, device=device)
+    for image, mask, _ in loader:
+        image, mask = image.to(device), mask.to(device)
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            if mode == "sliding":
+                logits = sliding_window_logits(model, image, num_classes, window, window * 2 // 3)
+            else:
+                logits = model(image)
+        meter.update(logits.argmax(dim=1), mask)
+    meter.all_reduce()
+    model.train(was_training)
+    return meter
+
+
+def format_iou_table(meter: IoUMeter, class_names: Sequence[str], title: str = "") -> str:
+    """A plain-text table of per-class IoU (%) and the mIoU."""
+    iou = meter.per_class_iou()
+    width = max(10, max(len(n) for n in class_names) + 2)
+    lines = [title] if title else []
+    lines.append(f"{'class':<{width}}{'IoU (%)':>9}")
+    lines.append("-" * (width + 9))
+    for name, value in zip(class_names, iou.tolist()):
+        shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+        lines.append(f"{name:<{width}}{shown:>9}")
+    lines.append("-" * (width + 9))
+    lines.append(f"{'mIoU':<{width}}{100 * meter.miou():>9.2f}")
+    return "\n".join(lines)

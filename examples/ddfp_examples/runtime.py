@@ -1,0 +1,253 @@
+"""What a training run needs besides the algorithm: processes, seeding, checkpoints, logs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "CsvLog",
+    "DistributedContext",
+    "EpochSampler",
+    "SeededItems",
+    "StopRequest",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "setup_distributed",
+]
+
+
+@dataclass
+class DistributedContext:
+    """Where this process runs: rank, world size and device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistributedContext:
+    """Join the torchrun process group when its environment variables are set; else one process.
+
+    ``device``: "auto" (CUDA if available), "cpu" or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    return DistributedContext(rank, world_size, local_rank, target)
+
+
+def _item_seed(seed: int, stream: int, epoch: int, index: int) -> int:
+    mixed = (seed * 1_000_003 + stream) * 1_000_033 + epoch
+    return (mixed * 2_654_435_761 + index) % (2**63 - 1)
+
+
+class SeededItems(Dataset):
+    """A dataset whose item ``(epoch, index)`` is augmented from its own seed.
+
+    The augmentation of a sample then depends on the run seed, the stream, the epoch and the index
+    only: not on worker count, on the order of loading, or on what ran before. That is what lets a
+    resumed run skip the batches it already trained on and continue bit for bit.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, stream: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_item_seed(self.seed, self.stream, epoch, index))
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys in a per-epoch seeded order, optionally from an offset.
+
+    Shards over ranks like DistributedSampler. ``start`` skips the first ``start`` keys of the
+    current epoch (without loading them), for resuming inside an epoch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        stream: int,
+        shuffle: bool = True,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
+        self.size = size
+        self.seed = seed
+        self.stream = stream
+        self.shuffle = shuffle
+        self.world_size = world_size
+        self.rank = rank
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            order = list(range(self.size))
+        else:
+            generator = torch.Generator().manual_seed(
+                _item_seed(self.seed, self.stream, self.epoch, -1)
+            )
+            order = torch.randperm(self.size, generator=generator).tolist()
+        per_rank = -(-self.size // self.world_size)
+        order = (order * -(-per_rank * self.world_size // max(len(order), 1)))[
+            : per_rank * self.world_size
+        ]
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._order()[self.start :]:
+            yield (self.epoch, index)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), numpy and Python."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between iterations, so a stop saves first.
+
+    A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class CsvLog:
+    """Append rows of named values to a CSV file (header written once), and to TensorBoard if present."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fields: list[str] | None = None
+        if path.exists():
+            with open(path, newline="") as file:
+                header = next(csv.reader(file), None)
+            self._fields = header
+        self._writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                self._writer = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._fields is None:
+            self._fields = list(row)
+            with open(self.path, "w", newline="") as file:
+                csv.writer(file).writerow(self._fields)
+        with open(self.path, "a", newline="") as file:
+            csv.writer(file).writerow([row.get(k, "") for k in self._fields])
+        if self._writer is not None:
+            step = int(row.get("iteration", 0))
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

