@@ -161,7 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ddfp",
         help="primitive used by the DDFP stream: one of ddfp_lib.available_perturbations()",
     )
-    method.add_argument("--eps", type=float, default=4.0, help="DDFP / random-direction step norm")
+    method.add_argument(
+        "--eps", type=float, default=4.0, help="step norm of ddfp / random_direction / vat"
+    )
     method.add_argument(
         "--threshold", type=float, default=0.95, help="pseudo-label confidence threshold"
     )
@@ -410,6 +412,35 @@ def confident_mask(pred_u_w, ignore_mask, threshold, feature_size) -> torch.Tens
     return F.interpolate(confident[:, None].float(), size=feature_size, mode="nearest")[:, 0].bool()
 
 
+def build_density_stream(args, model, spec, total_iters, device) -> dict[str, Any]:
+    """The perturbation of the DDFP stream and, for DDFP itself, the flow and its online trainer.
+
+    ``--perturbation`` swaps DDFP for another primitive of the library at the same place (the
+    decoder input of the weak view), e.g. ``random_direction``: DDFP's step size without the density.
+    """
+    stream: dict[str, Any] = {"perturbation_head": None}
+    if args.perturbation == "ddfp":
+        estimator = FlowDensityEstimator(
+            model.classifier.in_channels, spec.num_classes, seed=args.seed
+        )
+        estimator.to(device)
+        stream["estimator"] = estimator
+        stream["flow_trainer"] = OnlineFlowTrainer(
+            estimator, lr=args.flow_lr, max_samples=args.flow_samples, total_steps=total_iters
+        )
+        stream["perturbation"] = DensityDescendingPerturbation(estimator, eps=args.eps)
+        stream["perturbation_head"] = model.head
+        return stream
+    from ddfp_lib import build_perturbation
+
+    options = {"eps": args.eps} if args.perturbation in ("random_direction", "vat") else {}
+    stream["perturbation"] = build_perturbation(args.perturbation, **options)
+    if args.perturbation == "vat":
+        # VAT's KL compares class predictions, so its head runs up to the classifier.
+        stream["perturbation_head"] = nn.Sequential(model.head, model.classifier)
+    return stream
+
+
 def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.SGD:
     return torch.optim.SGD(
         [
@@ -589,25 +620,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "perturbation_head": None,
     }
     if streams.density_fp:
-        estimator = FlowDensityEstimator(
-            model.classifier.in_channels, spec.num_classes, seed=args.seed
-        ).to(ctx.device)
-        state["estimator"] = estimator
-        state["flow_trainer"] = OnlineFlowTrainer(
-            estimator, lr=args.flow_lr, max_samples=args.flow_samples, total_steps=total_iters
-        )
-        if args.perturbation == "ddfp":
-            state["perturbation"] = DensityDescendingPerturbation(estimator, eps=args.eps)
-        else:
-            from ddfp_lib import build_perturbation
-
-            state["perturbation"] = build_perturbation(
-                args.perturbation, estimator=estimator, eps=args.eps
-            )
-        if args.perturbation == "vat":
-            state["perturbation_head"] = nn.Sequential(model.head, model.classifier)
-        elif args.perturbation in ("ddfp", "random_direction"):
-            state["perturbation_head"] = model.head
+        state.update(build_density_stream(args, model, spec, total_iters, ctx.device))
 
     progress = {"epoch": 0, "step_in_epoch": 0, "iteration": 0, "best_miou": -1.0, "history": []}
     resume_path = (

@@ -46,6 +46,9 @@ def read_log(out):
         (["--fp", "both"], {"loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_ddfp", "flow_nll"}),
         (["--mode", "supervised"], {"loss_x"}),
         (["--fp", "both", "--amp", "bf16"], {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"}),
+        (["--fp", "ddfp", "--aux-bn"], {"loss_x", "loss_s1", "loss_ddfp", "flow_nll"}),
+        (["--fp", "ddfp", "--perturbation", "random_direction"], {"loss_x", "loss_s1", "loss_ddfp"}),
+        (["--fp", "ddfp", "--perturbation", "vat"], {"loss_x", "loss_s1", "loss_ddfp"}),
     ],
 )
 def test_two_iterations_of_every_mode_train_log_and_checkpoint(
@@ -64,7 +67,7 @@ def test_two_iterations_of_every_mode_train_log_and_checkpoint(
     for key in streams:
         assert torch.isfinite(torch.tensor(float(rows[-1][key])))
     checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
-    assert ("flow" in checkpoint) == ("loss_ddfp" in streams)
+    assert ("flow" in checkpoint) == ("flow_nll" in streams)
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "summary.json").is_file()
 
 

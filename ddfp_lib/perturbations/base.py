@@ -61,6 +61,18 @@ class FeaturePerturbation(nn.Module):
         - features: ``(B, C, H, W)`` or ``(N, C)``
         - mask: bool, ``(B, H', W')`` or ``(N,)`` at the head output's resolution
         - output: same as features
+
+    References:
+        Ouali et al., "Semi-Supervised Semantic Segmentation with Cross-Consistency Training",
+        CVPR 2020. Yang et al., "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
+        Segmentation", CVPR 2023.
+
+    Examples:
+        >>> class Doubling(FeaturePerturbation):
+        ...     def perturb(self, features, head, mask, generator):
+        ...         return 2.0 * features
+        >>> Doubling()(torch.ones(1, 3)).tolist()
+        [[2.0, 2.0, 2.0]]
     """
 
     #: whether ``perturb`` needs the features to be finite (checked without host sync on CUDA).

@@ -77,7 +77,7 @@ class DensityDescendingPerturbation(FeaturePerturbation):
         Wang et al., "Towards the Uncharted: Density-Descending Feature Perturbation for
         Semi-supervised Semantic Segmentation", CVPR 2024.
 
-    Example:
+    Examples:
         >>> est = FlowDensityEstimator(dim=8, num_classes=3, hidden_dim=16, seed=0)
         >>> ddfp = DensityDescendingPerturbation(est, eps=2.0)
         >>> features = torch.randn(2, 8, 4, 4)

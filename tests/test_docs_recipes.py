@@ -1,0 +1,94 @@
+"""The python blocks of docs/integration.md run, in order, on a tiny toy segmenter."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOC = DOCS / "integration.md"
+NUM_CLASSES = 3
+
+
+class ToySegmenter(nn.Module):
+    """The DeepLabV3+ method names on a few convolutions: v has 12 channels, h 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.low = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.high = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(12, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU())
+        self.classifier = nn.Conv2d(256, NUM_CLASSES, 1)
+        with torch.no_grad():
+            self.classifier.weight.mul_(30.0)
+
+    def encode(self, x):
+        low = self.low(x)
+        return low, self.high(low)
+
+    def decoder_input(self, low, high):
+        return torch.cat([low, F.interpolate(high, size=low.shape[-2:])], dim=1)
+
+    def upsample(self, logits, size):
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def python_blocks(path=DOC):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_the_recipe_block_has_at_most_twenty_lines():
+    recipe = python_blocks()[0]
+    assert "def semi_supervised_step" in recipe
+    assert len([line for line in recipe.splitlines() if line.strip()]) <= 20
+
+
+@pytest.mark.slow
+@pytest.mark.smp
+def test_integration_recipes_run_and_train_model_and_flow():
+    pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = ToySegmenter()
+    x, u = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, NUM_CLASSES, (2, 32, 32))
+    with torch.no_grad():
+        confidence = model.classifier(model.head(model.decoder_input(*model.encode(u)))).softmax(1)
+    assert (confidence.amax(1) >= 0.95).float().mean() > 0.2
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    namespace = {
+        "model": model,
+        "x": x,
+        "y": y,
+        "u": u,
+        "optimizer": optimizer,
+        "num_classes": NUM_CLASSES,
+        "total_steps": 10,
+    }
+    blocks = python_blocks()
+    exec(compile(blocks[0], str(DOC), "exec"), namespace)
+    classifier_before = model.classifier.weight.detach().clone()
+    flow_before = [p.detach().clone() for p in namespace["estimator"].parameters()]
+    namespace["semi_supervised_step"](model, x, y, u, optimizer)
+    assert namespace["flow_trainer"].num_steps == 1
+    assert not torch.equal(model.classifier.weight, classifier_before)
+    assert torch.isfinite(model.classifier.weight).all()
+    flow_after = list(namespace["estimator"].parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(flow_before, flow_after))
+    for block in blocks[1:]:
+        exec(compile(block, str(DOC), "exec"), namespace)
+    assert namespace["flow_trainer"].num_steps == 2
+    assert namespace["logits_ddfp"].shape == (2, NUM_CLASSES, 8, 8)
+    assert namespace["logits_fp"].shape == (2, NUM_CLASSES, 64, 64)
+    assert not namespace["model"].head[1].aux.running_mean.equal(model.head[1].main.running_mean)
+
+
+def test_perturbations_page_example_runs_every_perturbation_on_the_same_features():
+    blocks = python_blocks(DOCS / "perturbations.md")
+    namespace: dict = {}
+    exec(compile(blocks[-1], "perturbations.md", "exec"), namespace)
+    v, v_vat = namespace["v"], namespace["v_vat"]
+    assert namespace["v_perturbed"].shape == v.shape
+    assert torch.allclose((v_vat - v).flatten(1).norm(dim=1), torch.full((2,), 2.0), atol=1e-5)
