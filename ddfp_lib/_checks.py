@@ -7,6 +7,7 @@ Feature tensors arrive in three layouts: rows ``(N, D)``, maps ``(B, D, H, W)`` 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 
-def autocast_off(device_type: str):
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Context that switches autocast off on ``device_type``, so a block computes in the dtype it gets."""
     try:
         return torch.autocast(device_type=device_type, enabled=False)
@@ -128,7 +129,9 @@ class RowLayout:
         return values.reshape(self.row_shape)
 
 
-def check_mask(mask: torch.Tensor | None, row_shape: tuple[int, ...], name: str = "mask"):
+def check_mask(
+    mask: torch.Tensor | None, row_shape: tuple[int, ...], name: str = "mask"
+) -> torch.Tensor | None:
     """Check that ``mask`` is a bool tensor of ``row_shape`` (None passes through)."""
     if mask is None:
         return None

@@ -52,7 +52,7 @@ class FlowDensityEstimator(nn.Module):
         Wang et al., "Towards the Uncharted: Density-Descending Feature Perturbation for
         Semi-supervised Semantic Segmentation", CVPR 2024.
 
-    Example:
+    Examples:
         >>> est = FlowDensityEstimator(dim=8, num_classes=3, hidden_dim=16, seed=0)
         >>> x = torch.randn(10, 8)
         >>> est.log_prob(x).shape, est.nll(x).shape

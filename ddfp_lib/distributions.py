@@ -66,7 +66,10 @@ class GaussianMixturePrior(nn.Module):
         - means: ``(K, D)``
         - log_prob: z ``(N, D)``, labels ``(N,)`` -> ``(N,)``
 
-    Example:
+    References:
+        Izmailov et al., "Semi-Supervised Learning with Normalizing Flows", ICML 2020.
+
+    Examples:
         >>> prior = GaussianMixturePrior(dim=3, num_classes=2)
         >>> prior.log_prob(torch.zeros(5, 3)).shape
         torch.Size([5])

@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from nflows.transforms.base import CompositeTransform, Transform
@@ -44,8 +45,9 @@ def coupling_subnet(in_features: int, out_features: int, hidden_features: int) -
         nn.ReLU(),
         nn.Linear(hidden_features, out_features),
     )
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
+    last = cast(nn.Linear, net[-1])
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
     return net
 
 
@@ -68,7 +70,7 @@ class GlowCoupling(Transform):
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 
-    Example:
+    Examples:
         >>> coupling = GlowCoupling(6, hidden_features=16)
         >>> x = torch.randn(4, 6)
         >>> y, log_det = coupling(x)
@@ -89,12 +91,16 @@ class GlowCoupling(Transform):
         self.subnet1 = coupling_subnet(second, 2 * first, hidden_features)
         self.subnet2 = coupling_subnet(first, 2 * second, hidden_features)
 
-    def _scale_shift(self, subnet: nn.Module, condition: torch.Tensor, size: int):
+    def _scale_shift(
+        self, subnet: nn.Module, condition: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raw = subnet(condition)
         log_scale = soft_clamp(raw[:, :size], self.clamp)
         return log_scale, raw[:, size:]
 
-    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None):
+    def forward(
+        self, inputs: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = inputs[:, : self.split], inputs[:, self.split :]
         s1, t1 = self._scale_shift(self.subnet1, x2, self.split)
         y1 = x1 * torch.exp(s1) + t1
@@ -103,7 +109,9 @@ class GlowCoupling(Transform):
         log_det = s1.sum(dim=1) + s2.sum(dim=1)
         return torch.cat([y1, y2], dim=1), log_det
 
-    def inverse(self, inputs: torch.Tensor, context: torch.Tensor | None = None):
+    def inverse(
+        self, inputs: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y1, y2 = inputs[:, : self.split], inputs[:, self.split :]
         s2, t2 = self._scale_shift(self.subnet2, y1, self.features - self.split)
         x2 = (y2 - t2) * torch.exp(-s2)

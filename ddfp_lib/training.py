@@ -95,7 +95,15 @@ class OnlineFlowTrainer:
             (and broadcast rank 0's weights once), so that every rank keeps an identical flow.
             "auto" does so whenever a group with more than one rank is initialised.
 
-    Example:
+    Shape:
+        - features: ``(B, D, h, w)`` per map, ``D = estimator.dim``
+        - labels: ``(B, H, W)`` per map, any resolution (resized with nearest-neighbour sampling)
+
+    References:
+        Wang et al., "Towards the Uncharted: Density-Descending Feature Perturbation for
+        Semi-supervised Semantic Segmentation", CVPR 2024.
+
+    Examples:
         >>> est = FlowDensityEstimator(dim=4, num_classes=2, hidden_dim=8, seed=0)
         >>> trainer = OnlineFlowTrainer(est, total_steps=100)
         >>> features = torch.randn(2, 4, 5, 5)

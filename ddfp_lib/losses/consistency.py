@@ -33,7 +33,7 @@ class ConsistencyLoss(nn.Module):
         Yang et al., "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
         Segmentation", CVPR 2023.
 
-    Example:
+    Examples:
         >>> loss_fn = ConsistencyLoss(threshold=0.5)
         >>> teacher = torch.tensor([[[[4.0]], [[0.0]]]])
         >>> student = torch.zeros(1, 2, 1, 1)

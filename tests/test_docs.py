@@ -1,0 +1,380 @@
+"""The documentation: doctests of the public modules, docstring sections, the pages, the version."""
+
+from __future__ import annotations
+
+import datetime
+import doctest
+import importlib
+import importlib.util
+import inspect
+import json
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ddfp_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+REQUIRED_SECTIONS = ("Args:", "Shape:", "References:", "Examples:")
+
+
+def public_module_names() -> list[str]:
+    """``ddfp_lib`` and every submodule whose dotted path has no ``_``-prefixed part."""
+    names = ["ddfp_lib"]
+    for info in pkgutil.walk_packages(ddfp_lib.__path__, "ddfp_lib."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return names
+
+
+def import_public_module(name: str) -> Any:
+    if name.startswith("ddfp_lib.adapters"):
+        pytest.importorskip("segmentation_models_pytorch")
+    return importlib.import_module(name)
+
+
+def public_classes() -> list[tuple[str, type]]:
+    """Every class named in the ``__all__`` of a public module, once, as ``(public path, class)``."""
+    found: dict[type, str] = {}
+    for name in public_module_names():
+        module = importlib.import_module(name)
+        for attribute in getattr(module, "__all__", []):
+            value = getattr(module, attribute)
+            if inspect.isclass(value) and value.__module__.startswith("ddfp_lib"):
+                found.setdefault(value, f"{name}.{attribute}")
+    return sorted(((path, cls) for cls, path in found.items()), key=lambda item: item[0])
+
+
+def missing_sections(cls: type) -> list[str]:
+    """The required docstring sections ``cls`` lacks.
+
+    A NamedTuple is a record: its ``Attributes:`` (fields with their shapes) stand for ``Args:``
+    and ``Shape:``, and it cites nothing. A class whose constructor takes no named argument needs no
+    ``Args:``.
+    """
+    doc = inspect.getdoc(cls) or ""
+    headings = {line.strip() for line in doc.splitlines()}
+    is_named_tuple = issubclass(cls, tuple) and hasattr(cls, "_fields")
+    parameters = [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    missing = []
+    for section in REQUIRED_SECTIONS:
+        if section in headings:
+            continue
+        if is_named_tuple and "Attributes:" in headings and section != "Examples:":
+            continue
+        if section == "Args:" and not parameters:
+            continue
+        missing.append(section)
+    return missing
+
+
+@pytest.mark.parametrize("module_name", public_module_names())
+def test_every_public_module_passes_its_doctests(module_name):
+    module = import_public_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(module, module_name, globs=dict(vars(module))):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctests failed"
+
+
+def test_public_module_list_covers_the_core_modules():
+    names = set(public_module_names())
+    assert {"ddfp_lib.density", "ddfp_lib.perturbations.ddfp", "ddfp_lib.losses"} <= names
+    assert not any(part.startswith("_") for name in names for part in name.split("."))
+
+
+def test_every_public_class_has_args_shape_references_and_examples_sections():
+    classes = public_classes()
+    assert len(classes) >= 15, [path for path, _ in classes]
+    problems = {path: missing for path, cls in classes if (missing := missing_sections(cls))}
+    assert not problems, (
+        "public classes must document Args:, Shape:, References: and Examples: (the plural: "
+        f"the docs renderer shows only 'Examples:' as code); missing: {problems}"
+    )
+
+
+def test_every_public_class_example_is_collected_as_a_doctest():
+    without = []
+    for path, cls in public_classes():
+        tests = doctest.DocTestFinder(recurse=False).find(cls, path)
+        if not tests or not tests[0].examples:
+            without.append(path)
+    assert not without, f"public classes without a runnable >>> example: {without}"
+
+
+def test_section_checker_reports_a_class_without_examples():
+    class Undocumented:
+        """A class with arguments.
+
+        Args:
+            width: how wide.
+        """
+
+        def __init__(self, width: int):
+            self.width = width
+
+    assert missing_sections(Undocumented) == ["Shape:", "References:", "Examples:"]
+
+
+# ----------------------------------------------------------------------------------- the pages
+def mkdocs_config() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+
+def nav_files(nav: list[Any]) -> list[str]:
+    files = []
+    for entry in nav:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        files += nav_files(value) if isinstance(value, list) else [value]
+    return files
+
+
+def test_navigation_lists_every_page_once_and_every_listed_page_exists():
+    listed = nav_files(mkdocs_config()["nav"])
+    pages = sorted(path.name for path in DOCS.glob("*.md"))
+    assert sorted(listed) == pages
+    assert len(set(listed)) == len(listed)
+
+
+def test_local_links_and_images_of_every_page_resolve():
+    broken = []
+    for page in DOCS.glob("*.md"):
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|mailto:|#", target):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
+
+
+def test_api_page_documents_every_name_of_the_public_api():
+    api = (DOCS / "api.md").read_text()
+    documented = set(re.findall(r"^::: ([\w.]+)$", api, flags=re.M))
+    short = {name.rsplit(".", 1)[-1] for name in documented}
+    missing = [name for name in ddfp_lib.__all__ if name != "__version__" and name not in short]
+    assert not missing, f"add to docs/api.md: {missing}"
+
+
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
+def test_install_check_of_getting_started_prints_the_version_and_a_step_of_eps(capsys):
+    (block,) = python_blocks("getting-started.md")
+    exec(compile(block, "getting-started.md", "exec"), {})
+    version, norm = capsys.readouterr().out.split()
+    assert version == ddfp_lib.__version__ and float(norm) == pytest.approx(4.0, abs=1e-4)
+
+
+def test_five_minute_code_moves_exactly_the_confident_pixels_and_steps_the_flow():
+    (block,) = python_blocks("ddfp-in-5-minutes.md")
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "ddfp-in-5-minutes.md", "exec"), namespace)
+    v, v_ddfp, confident = namespace["v"], namespace["v_ddfp"], namespace["confident"]
+    assert namespace["flow_trainer"].num_steps == 1 and v_ddfp.shape == v.shape
+    # The snippet's head is a 1x1 convolution: only the confident pixels see a gradient.
+    assert torch.equal((v_ddfp - v).norm(dim=1) > 0, confident)
+
+
+def test_density_picture_exists_and_is_a_png():
+    picture = DOCS / "assets" / "density_2d.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "assets/density_2d.png" in (DOCS / "index.md").read_text()
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict_passes(tmp_path):
+    mkdocs = shutil.which("mkdocs") or str(Path(sys.executable).with_name("mkdocs"))
+    if not Path(mkdocs).exists():
+        pytest.skip("mkdocs is not installed (the [docs] extra)")
+    result = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert 'id="ddfp_lib.FlowDensityEstimator"' in api
+    assert "&gt;&gt;&gt; </span>" in api, "doctest examples must render as code"
+
+
+# ------------------------------------------------------------------------------ the benchmarks
+def load_generator():
+    spec = importlib.util.spec_from_file_location(
+        "gen_benchmark_tables", DOCS / "gen_benchmark_tables.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_page_is_what_the_result_files_give():
+    generator = load_generator()
+    assert generator.main(["--check"]) == 0, "run: python docs/gen_benchmark_tables.py"
+
+
+def test_benchmark_table_rows_carry_the_median_and_ratio_of_the_json(tmp_path):
+    generator = load_generator()
+    times = {"head forward (reference)": [0.2, 0.4, 0.3], "ddfp": [1.0, 1.5, 1.2]}
+    payload = {
+        "benchmark": "perturbation_family",
+        "command": "python benchmarks/perturbation_family.py",
+        "date": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu_count": 2, "torch": "2.14.1", "device": "cpu"},
+        "features_shape": [4, 304, 81, 81],
+        "head": "fuse block",
+        "repeats": 3,
+        "results": [
+            {
+                "name": name,
+                "times_s": t,
+                "median_s": sorted(t)[1],
+                "head_forwards": sorted(t)[1] / 0.3,
+            }
+            for name, t in times.items()
+        ],
+    }
+    (tmp_path / "perturbation_family_cpu.json").write_text(json.dumps(payload))
+    (tmp_path / "perturbation_family_quick.json").write_text(json.dumps(payload))
+    results = generator.load_results(tmp_path)
+    assert [stem for stem, _ in results] == ["perturbation_family_cpu"]
+    page = generator.render_page(results)
+    assert "| `ddfp` | 1200.0 | 1000.0 - 1500.0 | 4.00 |" in page
+    assert "| head forward (reference) | 300.0 | 200.0 - 400.0 | 1.00 |" in page
+    assert "assets/bench_perturbation_family_cpu.png" in page
+    written = generator.write_plots(results, tmp_path / "assets")
+    assert [p.name for p in written] == ["bench_perturbation_family_cpu.png"]
+
+
+def test_train_step_table_shows_both_clocks_and_the_share_of_each_ddfp_part(tmp_path):
+    generator = load_generator()
+
+    def timing(median, q1, q3):
+        return {"median": median, "q1": q1, "q3": q3}
+
+    def clock(step, perturbation=None):
+        entry = {"step": timing(step, step - 1.0, step + 1.0)}
+        if perturbation is not None:
+            parts = {"perturbation": perturbation, "perturbed_branch": 0.5, "flow_update": 0.25}
+            entry["split"] = {part: timing(v, v, v) for part, v in parts.items()}
+            entry["split_share_of_step"] = {part: v / step for part, v in parts.items()}
+        return entry
+
+    setup = {"backbone": "resnet50", "crop_size": 129, "labeled_per_iteration": 4,
+             "unlabeled_per_iteration": 4, "repeats": 8}  # fmt: skip
+    configs = {
+        "dropout": {"wall": clock(20.0), "cpu": clock(10.0)},
+        "both": {"wall": clock(25.0, 2.0), "cpu": clock(12.5, 1.0)},
+    }
+    overhead = {"wall": {"both_vs_dropout": 0.25}, "cpu": {"both_vs_dropout": 0.25}}
+    payload = {"results": {"setup": setup, "configs": configs, "overhead": overhead}}
+    (tmp_path / "train_step_cpu.json").write_text(json.dumps(payload))
+    page = generator.render_page(generator.load_results(tmp_path))
+    assert "| `both` | 25 (2) | 12.5 (2) | 1 (8.0 %) | 0.5 (4.0 %) | 0.25 (2.0 %) |" in page
+    assert "| `dropout` | 20 (2) | 10 (2) |  |  |  |" in page
+    assert "- cpu clock: both vs dropout +25.0 %" in page
+    written = generator.write_plots(generator.load_results(tmp_path), tmp_path / "assets")
+    assert [p.name for p in written] == ["bench_train_step_cpu.png"]
+
+
+def test_benchmark_file_of_unknown_layout_gets_a_section_without_a_table(tmp_path):
+    generator = load_generator()
+    (tmp_path / "perturbation_family_cpu.json").write_text(json.dumps({"results": {"x": [1]}}))
+    (tmp_path / "memory_sweep.json").write_text(json.dumps({"command": "python x.py"}))
+    page = generator.render_page(generator.load_results(tmp_path))
+    assert page.count("This page has no table for this result file") == 2
+    assert "`python x.py`" in page and "| `ddfp` |" not in page
+
+
+def test_benchmark_file_of_unknown_layout_with_flat_rows_gets_a_plain_table(tmp_path):
+    generator = load_generator()
+    rows = [{"rows": 1024, "seconds": 0.123456, "notes": [1]}, {"rows": 4096, "seconds": 2.5}]
+    (tmp_path / "memory_sweep.json").write_text(json.dumps({"results": rows}))
+    page = generator.render_page(generator.load_results(tmp_path))
+    assert "| `rows` | `seconds` |\n|---|---|\n| 1024 | 0.1235 |\n| 4096 | 2.5 |" in page
+
+
+def test_demo_accuracy_study_is_the_first_measured_section_with_paired_differences(tmp_path):
+    generator = load_generator()
+    table = [
+        {"method": m, "label": label, "num_labeled": 30, "miou": v, "mean_miou": sum(v) / 2,
+         "std_miou": 0.01}
+        for m, label, v in (
+            ("unimatch_dropout", "UniMatch (dropout FP)", [0.40, 0.44]),
+            ("unimatch_ddfp", "UniMatch + DDFP", [0.43, 0.45]),
+        )
+    ]  # fmt: skip
+    paired = [
+        {"method": "unimatch_ddfp", "baseline": "unimatch_dropout", "num_labeled": 30,
+         "seeds": [0, 1], "mean_difference": 0.02, "std_difference": 0.014, "wins": 2}
+    ]  # fmt: skip
+    setup = {"split": "reported", "epochs": 1, "iters_per_epoch": 40, "batch_size": 2, "eps": 4.0,
+             "seeds": [0, 1], "score": "final-epoch mIoU"}  # fmt: skip
+    study = {"results": {"setup": setup, "table": table, "paired_vs_baseline": paired}}
+    (tmp_path / "ssl_demo.json").write_text(json.dumps(study))
+    (tmp_path / "flow_coupling.json").write_text(json.dumps({"results": {"sizes": []}}))
+    page = generator.render_page(generator.load_results(tmp_path))
+    assert page.index("(`ssl_demo.json`)") < page.index("(`flow_coupling.json`)")
+    assert (
+        "| UniMatch + DDFP | 30 | 44.00 ± 1.00 | 43.0, 45.0 | +2.00 ± 1.40 (2/2 seeds better) |"
+        in page
+    )
+    assert "| UniMatch (dropout FP) | 30 | 42.00 ± 1.00 | 40.0, 44.0 | baseline |" in page
+
+
+# ---------------------------------------------------------------------------- version, citation
+def changelog_releases() -> list[tuple[str, str]]:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    return re.findall(r"^## \[(\d+\.\d+\.\d+[^\]]*)\] - (\d{4}-\d{2}-\d{2})$", text, flags=re.M)
+
+
+def citation_field(name: str) -> str:
+    text = (ROOT / "CITATION.cff").read_text()
+    match = re.search(rf"^{name}: \"?([^\"\n]+)\"?$", text, flags=re.M)
+    assert match, f"CITATION.cff has no top-level {name}"
+    return match.group(1)
+
+
+def test_changelog_citation_and_package_agree_on_the_version_and_date():
+    version, date = changelog_releases()[0]
+    assert version == ddfp_lib.__version__
+    assert citation_field("version") == ddfp_lib.__version__
+    assert citation_field("date-released") == date
+    datetime.date.fromisoformat(date)
+
+
+def test_setup_cfg_reads_the_version_from_the_package():
+    setup_cfg = (ROOT / "setup.cfg").read_text()
+    assert re.search(r"^version = attr: ddfp_lib.__version__$", setup_cfg, flags=re.M)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert not re.search(r"^version\s*=", pyproject, flags=re.M), (
+        "one version: ddfp_lib.__version__"
+    )
+
+
+def test_citation_names_the_paper_and_its_authors():
+    yaml = pytest.importorskip("yaml")
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0"
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("Towards the Uncharted")
+    assert [a["family-names"] for a in paper["authors"]] == ["Wang", "Bai", "Yu", "Zhao", "Xiao"]
+    assert paper["year"] == 2024 and "2403.06462" in json.dumps(paper)
