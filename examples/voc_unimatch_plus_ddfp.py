@@ -260,7 +260,7 @@ def dataset_lines(
         if ctx.distributed:
             dist.barrier()
         train_lines = read_split_file(root / "splits" / "train.txt")
-        val_lines = read_split_file(root / "splits" / "val.txt")
+        val_lines = read_split_file(args.val_list or root / "splits" / "val.txt")
     else:
         if args.data_root is None:
             raise ValueError(f"--data-root is required for --dataset {args.dataset}")

@@ -45,9 +45,15 @@ def read_log(out):
         (["--fp", "ddfp"], {"loss_x", "loss_s1", "loss_s2", "loss_ddfp", "flow_nll"}),
         (["--fp", "both"], {"loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_ddfp", "flow_nll"}),
         (["--mode", "supervised"], {"loss_x"}),
-        (["--fp", "both", "--amp", "bf16"], {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"}),
+        (
+            ["--fp", "both", "--amp", "bf16"],
+            {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"},
+        ),
         (["--fp", "ddfp", "--aux-bn"], {"loss_x", "loss_s1", "loss_ddfp", "flow_nll"}),
-        (["--fp", "ddfp", "--perturbation", "random_direction"], {"loss_x", "loss_s1", "loss_ddfp"}),
+        (
+            ["--fp", "ddfp", "--perturbation", "random_direction"],
+            {"loss_x", "loss_s1", "loss_ddfp"},
+        ),
         (["--fp", "ddfp", "--perturbation", "vat"], {"loss_x", "loss_s1", "loss_ddfp"}),
     ],
 )

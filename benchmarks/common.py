@@ -1,0 +1,354 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, machine facts, JSON results, workers.
+
+Timing reports the median and the interquartile range over repeats after warm-up calls; on CUDA the
+device is synchronised around every call. Peak memory on the CPU is the growth of the process's peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set just before the
+call: it sees every allocation torch makes, unlike ``tracemalloc``, which sees Python objects only.
+On CUDA it is ``torch.cuda.max_memory_allocated`` over the allocation before the call.
+
+Heavy configurations run in worker subprocesses (:func:`run_worker`), so that an out-of-memory failure
+or a memory peak of one does not take the others with it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "REPO_ROOT",
+    "RESULTS_DIR",
+    "WORKER_MARKER",
+    "Timing",
+    "available_memory_bytes",
+    "current_rss_bytes",
+    "emit_worker_result",
+    "limit_address_space",
+    "load_results",
+    "machine_info",
+    "matmul_throughput",
+    "measure_peak_memory",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+    "run_worker",
+    "synchronize",
+    "time_call",
+    "write_results",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Prefix of the one stdout line through which a worker subprocess hands back its result.
+WORKER_MARKER = "BENCHMARK_RESULT "
+
+_MIB = 1024.0 * 1024.0
+
+
+@dataclass
+class Timing:
+    """Seconds per call over ``repeats`` timed calls.
+
+    Attributes:
+        median: median seconds.
+        q1, q3: first and third quartiles (the spread is ``q3 - q1``).
+        minimum: fastest call.
+        times: every timed call, in order.
+    """
+
+    median: float
+    q1: float
+    q3: float
+    minimum: float
+    times: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_times(cls, times: list[float]) -> Timing:
+        """Summarise raw per-call seconds (at least one)."""
+        if not times:
+            raise ValueError("need at least one timed call")
+        ordered = sorted(times)
+        if len(ordered) >= 2:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            q1 = q3 = ordered[0]
+        return cls(statistics.median(ordered), q1, q3, ordered[0], list(times))
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range in seconds."""
+        return self.q3 - self.q1
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, with the IQR."""
+        return {**asdict(self), "iqr": self.iqr}
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], Any],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
+
+    Args:
+        fn: the work, taking no argument; its result is dropped before the next call.
+        repeats: timed calls (>= 1).
+        warmup: untimed calls first (caches, lazy initialisation, allocator growth).
+        device: synchronised around each call when it is a CUDA device.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing.from_times(times)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    kib = _status_kib("VmRSS")
+    if kib is None:
+        raise RuntimeError("/proc/self/status is not readable: RSS needs Linux")
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since start or the last :func:`reset_peak_rss`."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kib * 1024
+
+
+def available_memory_bytes() -> int:
+    """``MemAvailable`` of the machine (what can still be allocated without swapping)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def limit_address_space(extra_bytes: int) -> None:
+    """Cap this process's virtual memory at its current size plus ``extra_bytes``.
+
+    An allocation beyond the cap then fails inside torch with a RuntimeError that the worker can
+    report, instead of the kernel's OOM killer stopping a process of someone else on the machine.
+    """
+    size_kib = _status_kib("VmSize")
+    if size_kib is None:
+        return
+    limit = size_kib * 1024 + int(extra_bytes)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def measure_peak_memory(
+    fn: Callable[[], Any], device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Run ``fn()`` once and report how far memory rose above where it was before the call.
+
+    CPU: peak RSS growth (``VmHWM`` after a reset, minus RSS before); call this on the first call of
+    a fresh process for a faithful number, since freed heap memory is reused without growing RSS.
+    CUDA: ``max_memory_allocated`` growth over ``memory_allocated`` before the call.
+
+    Returns:
+        ``{"peak_mib", "baseline_mib", "method"}``; ``peak_mib`` is the growth.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        method = "torch.cuda.max_memory_allocated - memory_allocated before"
+    else:
+        exact = reset_peak_rss()
+        baseline = current_rss_bytes()
+        fn()
+        peak = peak_rss_bytes()
+        method = "VmHWM after clear_refs - VmRSS before" if exact else "ru_maxrss - VmRSS before"
+    return {
+        "peak_mib": max(peak - baseline, 0) / _MIB,
+        "baseline_mib": baseline / _MIB,
+        "method": method,
+    }
+
+
+def matmul_throughput(
+    device: torch.device | str = "cpu", size: int = 2048, repeats: int = 5
+) -> float:
+    """Measured float32 matmul throughput in FLOP/s (median of ``repeats`` square products)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    timing = time_call(lambda: a @ b, repeats=repeats, warmup=2, device=device)
+    return 2.0 * size**3 / timing.median
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Machine, library versions and load: what a reader needs to compare numbers across runs."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "packages": {name: _package_version(name) for name in ("ddfp-lib", "nflows", "FrEIA")},
+    }
+    try:
+        with open("/proc/meminfo") as meminfo:
+            total = next(line for line in meminfo if line.startswith("MemTotal:"))
+        info["memory_gib"] = round(int(total.split()[1]) / _MIB, 2)
+    except (OSError, StopIteration):
+        info["memory_gib"] = None
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def write_results(
+    name: str,
+    results: dict[str, Any],
+    results_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    argv: list[str] | None = None,
+) -> Path:
+    """Write ``results`` to ``<results_dir>/<name>.json`` with machine, torch, command and date.
+
+    Args:
+        name: file stem, e.g. ``"perturbation"``.
+        results: the benchmark's own JSON-ready numbers.
+        results_dir: destination folder (created); defaults to ``benchmarks/results``.
+        device: the device the numbers were measured on.
+        argv: the command line to record; defaults to this process's.
+
+    Returns:
+        The path written.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name must be a plain file stem, got {name!r}")
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    command = argv if argv is not None else [Path(sys.executable).name, *sys.argv]
+    payload = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(command),
+        "torch": torch.__version__,
+        "device": str(device),
+        "machine": machine_info(device),
+        "results": results,
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results file written by :func:`write_results`."""
+    return json.loads(Path(path).read_text())
+
+
+def emit_worker_result(result: dict[str, Any]) -> None:
+    """Hand ``result`` back to the parent of a worker (one marked stdout line)."""
+    print(WORKER_MARKER + json.dumps(result), flush=True)
+
+
+def run_worker(module: str, config: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
+    """Run ``python -m <module> --worker <config as JSON>`` from the repository root.
+
+    Returns the worker's result, or ``{"status": "OOM/skipped" | "failed" | "timeout", ...}`` when it
+    was killed, ran out of memory or raised.
+    """
+    command = [sys.executable, "-m", module, "--worker", json.dumps(config)]
+    try:
+        done = subprocess.run(
+            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "timeout_s": timeout}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(WORKER_MARKER):
+            return json.loads(line[len(WORKER_MARKER) :])
+    tail = done.stderr.strip().splitlines()[-3:]
+    out_of_memory = done.returncode == -9 or any(
+        "memory" in line.lower() or "MemoryError" in line for line in tail
+    )
+    return {
+        "status": "OOM/skipped" if out_of_memory else "failed",
+        "returncode": done.returncode,
+        "stderr_tail": tail,
+    }

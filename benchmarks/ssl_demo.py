@@ -1,0 +1,566 @@
+"""Does DDFP help? The example loop on the built-in digit scenes, per method, labelled-set size and seed.
+
+Every run is one call of ``examples/voc_unimatch_plus_ddfp.py --dataset demo`` in a subprocess, at
+one fixed budget (epochs, iterations, batch) for all methods; its ``summary.json`` is read back.
+Methods (:data:`METHODS`): supervised only, UniMatch with its dropout FP, UniMatch with DDFP in place
+of dropout FP, UniMatch with both, and UniMatch with a random-direction perturbation of DDFP's
+``eps`` in DDFP's place (the control for "any perturbation of that size"). Seed ``s`` draws the
+labelled set, the initialisation of the new layers and the data order, so runs with the same seed
+share their labelled images and differences between methods can be read seed by seed.
+
+The score is the mIoU of the last epoch on the demo's val split, evaluated once at the end: no
+checkpoint is picked on it. ``--split tuning`` runs the same grid with a private copy of the demo
+whose val split is a held-out part of the *training* images (``--heldout`` of them, never used for
+training there), the split on which to choose ``--eps`` before a reported run.
+
+Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that was interrupted
+after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the
+plot ``docs/assets/ssl_demo.png``.
+
+    python -m benchmarks.ssl_demo                         # the study: 5 methods x 2 sizes x 3 seeds
+    python -m benchmarks.ssl_demo --split tuning --eps 2  # the same on the tuning split
+    python -m benchmarks.ssl_demo --quick                 # tiny generated data, seconds per run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "METHOD_LABELS",
+    "StudyBudget",
+    "aggregate",
+    "carve_tuning_split",
+    "loop_command",
+    "main",
+    "paired_differences",
+    "parse_args",
+    "plot_study",
+    "run_dir",
+    "run_one",
+]
+
+LOOP_SCRIPT = REPO_ROOT / "examples" / "voc_unimatch_plus_ddfp.py"
+PLOT_PATH = REPO_ROOT / "docs" / "assets" / "ssl_demo.png"
+DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "ssl_demo"
+
+METHODS: dict[str, tuple[str, ...]] = {
+    "supervised": ("--mode", "supervised"),
+    "unimatch_dropout": ("--fp", "dropout"),
+    "unimatch_ddfp": ("--fp", "ddfp"),
+    "unimatch_both": ("--fp", "both"),
+    "unimatch_random_direction": ("--fp", "ddfp", "--perturbation", "random_direction"),
+}
+METHOD_LABELS: dict[str, str] = {
+    "supervised": "supervised only",
+    "unimatch_dropout": "UniMatch (dropout FP)",
+    "unimatch_ddfp": "UniMatch + DDFP",
+    "unimatch_both": "UniMatch + dropout FP + DDFP",
+    "unimatch_random_direction": "UniMatch + random direction",
+}
+#: The method every other one is compared with seed by seed.
+BASELINE = "unimatch_dropout"
+
+
+@dataclass(frozen=True)
+class StudyBudget:
+    """What every run of the study gets: the same for all methods.
+
+    Attributes:
+        epochs: loop epochs; evaluation happens once, after the last.
+        iters_per_epoch: iterations per epoch.
+        batch_size: labelled images per iteration (and as many unlabelled ones).
+        workers: data-loading workers per loader.
+        threads: CPU threads of each run (``OMP_NUM_THREADS``).
+        eps: step norm of DDFP and of the random direction.
+        demo_size: generated train and val images of the demo dataset.
+        device: the loop's ``--device``.
+    """
+
+    epochs: int = 1
+    iters_per_epoch: int = 40
+    batch_size: int = 2
+    workers: int = 0
+    threads: int = 1
+    eps: float = 4.0
+    demo_size: tuple[int, int] = (3000, 300)
+    device: str = "cpu"
+
+
+def run_dir(runs_dir: Path, method: str, num_labeled: int, seed: int) -> Path:
+    """Output folder of one run: ``<runs_dir>/<method>/n<num_labeled>/seed<seed>``."""
+    return Path(runs_dir) / method / f"n{num_labeled}" / f"seed{seed}"
+
+
+def loop_command(
+    method: str,
+    num_labeled: int,
+    seed: int,
+    out: Path,
+    budget: StudyBudget,
+    data_root: Path,
+    resume: bool = False,
+) -> list[str]:
+    """The example loop's command line for one run.
+
+    Args:
+        method: a key of :data:`METHODS`.
+        num_labeled: labelled images drawn from the demo's training split.
+        seed: seed of the run (and of its labelled draw).
+        out: the run's output folder.
+        budget: the study's budget.
+        data_root: the demo dataset folder.
+        resume: continue from ``out/latest.pt``.
+
+    Returns:
+        ``[python, script, args...]``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    command = [
+        sys.executable, str(LOOP_SCRIPT), "--dataset", "demo", "--data-root", str(data_root),
+        "--demo-size", str(budget.demo_size[0]), str(budget.demo_size[1]),
+        "--num-labeled", str(num_labeled), "--seed", str(seed), "--out", str(out),
+        "--epochs", str(budget.epochs), "--iters-per-epoch", str(budget.iters_per_epoch),
+        "--eval-every", str(budget.epochs), "--batch-size", str(budget.batch_size),
+        "--workers", str(budget.workers), "--eps", str(budget.eps), "--device", budget.device,
+        "--no-progress", *METHODS[method],
+    ]  # fmt: skip
+    if resume:
+        command.append("--resume")
+    return command
+
+
+def run_one(
+    method: str,
+    num_labeled: int,
+    seed: int,
+    runs_dir: Path,
+    budget: StudyBudget,
+    data_root: Path,
+) -> dict[str, Any]:
+    """Run (or read back) one configuration.
+
+    Returns:
+        ``method, num_labeled, seed, final_miou, best_miou, iterations, seconds, reused, out``;
+        ``seconds`` is the loop's own training + evaluation time.
+
+    Raises:
+        RuntimeError: the loop failed; the message holds the tail of its log.
+    """
+    out = run_dir(runs_dir, method, num_labeled, seed)
+    summary_path = out / "summary.json"
+    reused = summary_path.is_file() and not _read_json(summary_path).get("stopped_early", False)
+    if not reused:
+        out.mkdir(parents=True, exist_ok=True)
+        resume = (out / "latest.pt").is_file()
+        command = loop_command(method, num_labeled, seed, out, budget, data_root, resume)
+        env = dict(os.environ, OMP_NUM_THREADS=str(budget.threads))
+        env["MKL_NUM_THREADS"] = str(budget.threads)
+        with open(out / "stdout.log", "a") as log:
+            done = subprocess.run(
+                command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+            )
+        if done.returncode != 0 or not summary_path.is_file():
+            tail = (out / "stdout.log").read_text().splitlines()[-15:]
+            raise RuntimeError(
+                f"{method} n={num_labeled} seed={seed} failed ({done.returncode}):\n"
+                + "\n".join(tail)
+            )
+    summary = _read_json(summary_path)
+    return {
+        "method": method,
+        "num_labeled": num_labeled,
+        "seed": seed,
+        "final_miou": summary["final_miou"],
+        "best_miou": summary["best_miou"],
+        "iterations": summary["iterations"],
+        "seconds": summary["seconds"],
+        "reused": reused,
+        "out": str(out),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean +- sample std of the final mIoU over seeds, per method and labelled-set size.
+
+    Args:
+        runs: rows of :func:`run_one`.
+
+    Returns:
+        One row per (method, num_labeled), in :data:`METHODS` order then by size:
+        ``method, label, num_labeled, seeds, miou (per seed), mean_miou, std_miou, mean_seconds``.
+        ``std_miou`` is the sample standard deviation (ddof 1), 0 with one seed.
+    """
+    rows = []
+    for method in METHODS:
+        sizes = sorted({run["num_labeled"] for run in runs if run["method"] == method})
+        for size in sizes:
+            chosen = sorted(
+                (r for r in runs if r["method"] == method and r["num_labeled"] == size),
+                key=lambda r: r["seed"],
+            )
+            values = [float(r["final_miou"]) for r in chosen]
+            mean, std = _mean_std(values)
+            rows.append(
+                {
+                    "method": method,
+                    "label": METHOD_LABELS[method],
+                    "num_labeled": size,
+                    "seeds": [r["seed"] for r in chosen],
+                    "miou": values,
+                    "mean_miou": mean,
+                    "std_miou": std,
+                    "mean_seconds": statistics.fmean(float(r["seconds"]) for r in chosen),
+                }
+            )
+    return rows
+
+
+def paired_differences(
+    runs: list[dict[str, Any]], baseline: str = BASELINE
+) -> list[dict[str, Any]]:
+    """Per seed, a method's final mIoU minus the baseline's at the same seed and size.
+
+    Same seed means same labelled images, so the paired difference removes the spread that comes
+    from which images were labelled.
+
+    Returns:
+        One row per (method != baseline, num_labeled) with at least one shared seed:
+        ``method, num_labeled, seeds, difference (per seed), mean_difference, std_difference,
+        wins`` (seeds where the method beat the baseline).
+    """
+    base = {
+        (r["num_labeled"], r["seed"]): float(r["final_miou"])
+        for r in runs
+        if r["method"] == baseline
+    }
+    rows = []
+    for method in METHODS:
+        if method == baseline:
+            continue
+        sizes = sorted({r["num_labeled"] for r in runs if r["method"] == method})
+        for size in sizes:
+            pairs = sorted(
+                (r["seed"], float(r["final_miou"]) - base[(size, r["seed"])])
+                for r in runs
+                if r["method"] == method and r["num_labeled"] == size and (size, r["seed"]) in base
+            )
+            if not pairs:
+                continue
+            differences = [d for _, d in pairs]
+            mean, std = _mean_std(differences)
+            rows.append(
+                {
+                    "method": method,
+                    "baseline": baseline,
+                    "num_labeled": size,
+                    "seeds": [s for s, _ in pairs],
+                    "difference": differences,
+                    "mean_difference": mean,
+                    "std_difference": std,
+                    "wins": sum(d > 0 for d in differences),
+                }
+            )
+    return rows
+
+
+def carve_tuning_split(
+    demo_root: Path, tuning_root: Path, heldout: int, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """A private copy of the demo whose val split is held-out *training* images.
+
+    The image and mask files of the training split are hard-linked (copied where links are not
+    possible) into ``tuning_root``; ``splits/val.txt`` there holds ``heldout`` training lines drawn
+    with ``seed`` and ``splits/train.txt`` the others, so the demo's own val split is never seen.
+    The demo's parameter stamp is copied, so the loop reuses the folder as it is.
+
+    Args:
+        demo_root: a generated demo dataset.
+        tuning_root: where to build the copy (reused when its splits already match).
+        heldout: training images moved to the tuning val split.
+        seed: seed of the draw.
+
+    Returns:
+        ``(train_lines, val_lines)`` of the copy; disjoint, together the demo's training split.
+    """
+    import numpy as np
+    from ddfp_examples.datasets import parse_split_line, read_split_file, write_split_file
+
+    lines = read_split_file(Path(demo_root) / "splits" / "train.txt")
+    if not 1 <= heldout < len(lines):
+        raise ValueError(f"heldout must be in 1..{len(lines) - 1}, got {heldout}")
+    chosen = set(np.random.default_rng(seed).choice(len(lines), size=heldout, replace=False))
+    val_lines = [line for i, line in enumerate(lines) if i in chosen]
+    train_lines = [line for i, line in enumerate(lines) if i not in chosen]
+    tuning_root = Path(tuning_root)
+    for line in lines:
+        entry = parse_split_line(line)
+        for relative in (entry.image, entry.mask):
+            if relative is None:
+                continue
+            target = tuning_root / relative
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(Path(demo_root) / relative, target)
+            except OSError:
+                shutil.copy2(Path(demo_root) / relative, target)
+    write_split_file(tuning_root / "splits" / "train.txt", train_lines)
+    write_split_file(tuning_root / "splits" / "val.txt", val_lines)
+    shutil.copy2(Path(demo_root) / "demo_dataset.json", tuning_root / "demo_dataset.json")
+    return train_lines, val_lines
+
+
+def plot_study(table: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """mIoU (mean +- std over seeds) against labelled images, one line per method, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({row["num_labeled"] for row in table})
+    methods = [m for m in METHODS if any(row["method"] == m for row in table)]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # A small horizontal offset per method keeps the error bars apart.
+    spread = 0.04 * (len(methods) - 1)
+    for index, method in enumerate(methods):
+        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["num_labeled"])
+        shift = 1.0 + (index / max(len(methods) - 1, 1) - 0.5) * spread
+        axis.errorbar(
+            [r["num_labeled"] * shift for r in rows],
+            [100 * r["mean_miou"] for r in rows],
+            yerr=[100 * r["std_miou"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=METHOD_LABELS[method],
+        )
+    axis.set_xscale("log")
+    axis.set_xticks(sizes, [str(s) for s in sizes])
+    axis.minorticks_off()
+    axis.set_xlabel("labelled images")
+    axis.set_ylabel("val mIoU (%), mean ± std over seeds")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def format_table(table: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
+    """Mean +- std mIoU (%) per method and size, with the paired difference to the baseline."""
+    sizes = sorted({row["num_labeled"] for row in table})
+    difference = {(r["method"], r["num_labeled"]): r for r in paired}
+    header = f"{'method':<30}" + "".join(f"{f'n={s}':>30}" for s in sizes)
+    lines = [header]
+    for method in METHODS:
+        cells = []
+        for size in sizes:
+            row = next(
+                (r for r in table if r["method"] == method and r["num_labeled"] == size), None
+            )
+            if row is None:
+                cells.append(f"{'-':>30}")
+                continue
+            cell = f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f}"
+            pair = difference.get((method, size))
+            if pair is not None:
+                cell += (
+                    f" ({100 * pair['mean_difference']:+.2f}, {pair['wins']}/{len(pair['seeds'])})"
+                )
+            cells.append(f"{cell:>30}")
+        if any(cell.strip() != "-" for cell in cells):
+            lines.append(f"{METHOD_LABELS[method]:<30}" + "".join(cells))
+    if paired:
+        lines.append(f"(in brackets: mean difference to {METHOD_LABELS[BASELINE]}, seeds won)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--num-labeled", type=int, nargs="+", default=[10, 40])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=StudyBudget.epochs)
+    parser.add_argument("--iters-per-epoch", type=int, default=StudyBudget.iters_per_epoch)
+    parser.add_argument("--batch-size", type=int, default=StudyBudget.batch_size)
+    parser.add_argument("--workers", type=int, default=StudyBudget.workers)
+    parser.add_argument(
+        "--threads", type=int, default=StudyBudget.threads, help="CPU threads per run"
+    )
+    parser.add_argument("--eps", type=float, default=StudyBudget.eps)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=StudyBudget.device)
+    parser.add_argument(
+        "--split",
+        choices=["reported", "tuning"],
+        default="reported",
+        help="reported = the demo's val split; tuning = held-out training images",
+    )
+    parser.add_argument(
+        "--heldout", type=int, default=300, help="training images held out by --split tuning"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="demo dataset (default: the loop's cache)"
+    )
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ssl_demo")
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="default: benchmarks/results"
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="default: docs/assets/ssl_demo.png")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, 1 size, 2 iterations on a tiny generated demo under the runs folder",
+    )
+    args = parser.parse_args(argv)
+    args.demo_size = (3000, 300)
+    suffix = "" if args.split == "reported" else "_tuning"
+    if args.quick:
+        args.seeds, args.num_labeled = args.seeds[:1], [4]
+        args.epochs, args.iters_per_epoch, args.batch_size, args.workers = 1, 2, 2, 0
+        args.demo_size, args.heldout = (24, 6), 6
+        suffix += "_quick"
+    args.runs_dir = args.runs_dir or DEFAULT_RUNS_DIR
+    args.runs_dir = Path(args.runs_dir) / (args.split + ("_quick" if args.quick else ""))
+    args.name = f"ssl_demo{suffix}"
+    if args.plot is None:
+        args.plot = (
+            PLOT_PATH
+            if not args.quick and args.split == "reported"
+            else (args.results_dir or args.runs_dir) / f"{args.name}.png"
+        )
+    return args
+
+
+def prepare_data(args: argparse.Namespace) -> Path:
+    """Generate (or find) the demo, and for ``--split tuning`` its held-out copy; return the root."""
+    from ddfp_examples.demo_data import default_demo_root, make_demo_dataset
+
+    if args.quick and args.data_root is None:
+        args.data_root = args.runs_dir / "demo_data"
+    demo_root = make_demo_dataset(
+        args.data_root or default_demo_root(), args.demo_size[0], args.demo_size[1]
+    )
+    if args.split == "reported":
+        return demo_root
+    tuning_root = args.runs_dir / "tuning_data"
+    carve_tuning_split(demo_root, tuning_root, args.heldout)
+    return tuning_root
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study; write its JSON and plot; return the JSON's ``"results"``."""
+    args = parse_args(argv)
+    budget = StudyBudget(
+        epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        eps=args.eps,
+        demo_size=args.demo_size,
+        device=args.device,
+    )
+    data_root = prepare_data(args)
+    grid = [
+        (method, size, seed)
+        for size in args.num_labeled
+        for seed in args.seeds
+        for method in args.methods
+    ]
+    runs = []
+    start = time.time()
+    for index, (method, size, seed) in enumerate(grid, 1):
+        run = run_one(method, size, seed, args.runs_dir, budget, data_root)
+        runs.append(run)
+        print(
+            f"[{index}/{len(grid)}] {method} n={size} seed={seed}: mIoU "
+            f"{100 * run['final_miou']:.2f} ({'reused' if run['reused'] else 'ran'}, "
+            f"{time.time() - start:.0f} s so far)",
+            flush=True,
+        )
+    table = aggregate(runs)
+    paired = paired_differences(runs) if BASELINE in args.methods else []
+    title = (
+        f"digit-scenes demo, MobileNetV2 DeepLabV3+, {budget.epochs} x {budget.iters_per_epoch} "
+        f"iterations of {budget.batch_size}+{budget.batch_size} images, "
+        f"{len(args.seeds)} seed{'s' if len(args.seeds) != 1 else ''}"
+    )
+    plot_path = plot_study(table, args.plot, title)
+    results = {
+        "setup": {
+            "split": args.split,
+            "data_root": str(data_root),
+            "demo_size": list(budget.demo_size),
+            "heldout": args.heldout if args.split == "tuning" else None,
+            "methods": {m: list(METHODS[m]) for m in args.methods},
+            "num_labeled": args.num_labeled,
+            "seeds": args.seeds,
+            "epochs": budget.epochs,
+            "iters_per_epoch": budget.iters_per_epoch,
+            "batch_size": budget.batch_size,
+            "workers": budget.workers,
+            "threads_per_run": budget.threads,
+            "device": budget.device,
+            "eps": budget.eps,
+            "score": "final-epoch mIoU on the val split, evaluated once after training",
+            "example_command": " ".join(
+                loop_command(
+                    args.methods[0],
+                    args.num_labeled[0],
+                    args.seeds[0],
+                    run_dir(args.runs_dir, args.methods[0], args.num_labeled[0], args.seeds[0]),
+                    budget,
+                    data_root,
+                )[1:]
+            ),
+            "wall_seconds": time.time() - start,
+        },
+        "table": table,
+        "paired_vs_baseline": paired,
+        "runs": runs,
+        "plot": str(plot_path),
+    }
+    path = write_results(args.name, results, args.results_dir)
+    print(format_table(table, paired))
+    print(f"wrote {path} and {plot_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""benchmarks/train_step.py and benchmarks/ssl_demo.py: their numbers come from what they claim.
+
+Nothing here asserts a speed; the measured numbers live in ``benchmarks/results``. The slow tests
+run each script's ``--quick`` mode and check the JSON fields the README quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import ssl_demo, train_step  # noqa: E402
+
+
+def _run(method: str, size: int, seed: int, miou: float) -> dict:
+    return {"method": method, "num_labeled": size, "seed": seed, "final_miou": miou, "seconds": 1.0}
+
+
+def _single_thread_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+# ----------------------------------------------------------------------------------- ssl_demo
+def test_aggregate_gives_numpy_mean_and_sample_std_per_method_and_size():
+    rng = np.random.default_rng(0)
+    values = {
+        (m, n): rng.uniform(0.2, 0.6, 3) for m in ("supervised", "unimatch_ddfp") for n in (5, 9)
+    }
+    runs = [_run(m, n, s, float(v[s])) for (m, n), v in values.items() for s in (2, 0, 1)]
+    table = ssl_demo.aggregate(runs)
+    assert [(r["method"], r["num_labeled"]) for r in table] == [
+        ("supervised", 5), ("supervised", 9), ("unimatch_ddfp", 5), ("unimatch_ddfp", 9),
+    ]  # fmt: skip
+    for row in table:
+        expected = values[(row["method"], row["num_labeled"])]
+        assert row["seeds"] == [0, 1, 2]
+        assert row["miou"] == pytest.approx(expected.tolist())
+        assert row["mean_miou"] == pytest.approx(expected.mean())
+        assert row["std_miou"] == pytest.approx(expected.std(ddof=1))
+
+
+def test_paired_differences_subtract_the_baseline_at_the_same_seed_and_size():
+    runs = [
+        _run("unimatch_dropout", 10, 0, 0.30), _run("unimatch_dropout", 10, 1, 0.50),
+        _run("unimatch_ddfp", 10, 0, 0.35), _run("unimatch_ddfp", 10, 1, 0.45),
+        _run("unimatch_ddfp", 40, 0, 0.90),
+    ]  # fmt: skip
+    paired = ssl_demo.paired_differences(runs)
+    assert len(paired) == 1, "size 40 has no baseline run, so it has no pair"
+    row = paired[0]
+    assert (row["method"], row["num_labeled"], row["seeds"]) == ("unimatch_ddfp", 10, [0, 1])
+    assert row["difference"] == pytest.approx([0.05, -0.05])
+    assert row["mean_difference"] == pytest.approx(0.0)
+    assert row["std_difference"] == pytest.approx(statistics.stdev([0.05, -0.05]))
+    assert row["wins"] == 1
+
+
+def _fake_demo_root(root: Path, num_train: int, num_val: int) -> Path:
+    for folder in ("JPEGImages", "SegmentationClass", "splits"):
+        (root / folder).mkdir(parents=True)
+    for split, count in (("train", num_train), ("val", num_val)):
+        lines = []
+        for index in range(count):
+            name = f"digits_{split}_{index:05d}"
+            (root / "JPEGImages" / f"{name}.jpg").write_bytes(name.encode())
+            (root / "SegmentationClass" / f"{name}.png").write_bytes(name.encode())
+            lines.append(f"JPEGImages/{name}.jpg SegmentationClass/{name}.png")
+        (root / "splits" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    (root / "demo_dataset.json").write_text('{"parameters": {"num_train": 20}}')
+    return root
+
+
+def test_tuning_split_holds_out_training_images_only_and_never_the_demo_val_split(tmp_path):
+    demo = _fake_demo_root(tmp_path / "demo", num_train=20, num_val=5)
+    train, val = ssl_demo.carve_tuning_split(demo, tmp_path / "tuning", heldout=6, seed=3)
+    demo_train = (demo / "splits" / "train.txt").read_text().split("\n")[:-1]
+    demo_val = (demo / "splits" / "val.txt").read_text().split("\n")[:-1]
+    assert len(val) == 6 and len(train) == 14
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(demo_train)
+    assert not set(val) & set(demo_val)
+    tuning = tmp_path / "tuning"
+    assert (tuning / "splits" / "val.txt").read_text().split() == " ".join(val).split()
+    assert (tuning / "demo_dataset.json").read_text() == (demo / "demo_dataset.json").read_text()
+    for line in demo_train:
+        image = line.split()[0]
+        assert (tuning / image).read_bytes() == (demo / image).read_bytes()
+    assert not (tuning / "JPEGImages" / "digits_val_00000.jpg").exists()
+    again = ssl_demo.carve_tuning_split(demo, tuning, heldout=6, seed=3)
+    assert again == (train, val), "the same seed must hold out the same images"
+
+
+@pytest.fixture(scope="module")
+def loop():
+    return train_step.load_loop()
+
+
+@pytest.mark.parametrize(
+    "method,expected",
+    [
+        ("supervised", {"mode": "supervised", "fp": "none"}),
+        ("unimatch_dropout", {"mode": "semi", "fp": "dropout", "perturbation": "ddfp"}),
+        ("unimatch_ddfp", {"mode": "semi", "fp": "ddfp", "perturbation": "ddfp"}),
+        ("unimatch_both", {"mode": "semi", "fp": "both", "perturbation": "ddfp"}),
+        (
+            "unimatch_random_direction",
+            {"mode": "semi", "fp": "ddfp", "perturbation": "random_direction"},
+        ),
+    ],
+)
+def test_every_method_command_is_read_by_the_loop_with_the_study_budget(loop, method, expected):
+    budget = ssl_demo.StudyBudget(epochs=2, iters_per_epoch=7, batch_size=3, eps=2.5)
+    out = Path("/tmp/run")
+    command = ssl_demo.loop_command(method, 12, 4, out, budget, Path("/data"))
+    assert command[:2] == [sys.executable, str(ssl_demo.LOOP_SCRIPT)]
+    args = loop.parse_args(command[2:])
+    for key, value in expected.items():
+        assert getattr(args, key) == value
+    assert (args.dataset, args.num_labeled, args.seed, args.out) == ("demo", 12, 4, out)
+    assert (args.epochs, args.iters_per_epoch, args.batch_size, args.eps) == (2, 7, 3, 2.5)
+    assert args.eval_every == 2, "the val split must be evaluated once, after the last epoch"
+    assert args.resume is None
+    resumed = loop.parse_args(
+        ssl_demo.loop_command(method, 12, 4, out, budget, Path("/d"), True)[2:]
+    )
+    assert resumed.resume == "auto"
+
+
+# --------------------------------------------------------------------------------- train_step
+def test_synthetic_batch_has_the_loaders_layout_and_pads_a_quarter_of_each_unlabelled_image():
+    (img_x, mask_x), u, u_mix = train_step.synthetic_batch(3, 16, torch.device("cpu"), seed=1)
+    assert img_x.shape == (3, 3, 16, 16) and img_x.dtype == torch.float32
+    assert mask_x.shape == (3, 16, 16) and mask_x.dtype == torch.long
+    assert int(mask_x.min()) >= 0 and int(mask_x.max()) < train_step.NUM_CLASSES
+    assert len(u) == 6 and len(u_mix) == 6
+    for part in (u, u_mix):
+        assert all(t.shape == (3, 3, 16, 16) for t in part[:3])
+        ignore_mask, box1, box2 = part[3:]
+        assert (ignore_mask == 255).float().mean() == pytest.approx(0.25)
+        assert box1.sum() == box2.sum() == 3 * 8 * 8
+        assert not torch.equal(box1, box2)
+    assert not torch.equal(u[0], u_mix[0])
+
+
+def test_overheads_are_median_ratios_and_the_split_over_the_rest_of_the_step():
+    def entry(median, split=None):
+        body = {"step": {"median": median}}
+        if split is not None:
+            body["split"] = {part: {"median": s} for part, s in zip(train_step.SPLIT_PARTS, split)}
+        return {"wall": body}
+
+    results = {
+        "none": entry(8.0),
+        "dropout": entry(10.0),
+        "ddfp": entry(10.0, (0.5, 0.25, 0.25)),
+        "both": entry(12.0, (1.0, 0.5, 0.5)),
+    }
+    found = train_step.overheads(results, "wall")
+    assert found["both_vs_dropout"] == pytest.approx(0.2)
+    assert found["ddfp_vs_dropout"] == pytest.approx(0.0)
+    assert found["ddfp_vs_none"] == pytest.approx(0.25)
+    assert found["dropout_vs_none"] == pytest.approx(0.25)
+    assert found["split_ddfp"] == pytest.approx(1.0 / 9.0)
+    assert found["split_both"] == pytest.approx(2.0 / 10.0)
+
+
+@pytest.mark.slow
+def test_split_timer_sees_every_ddfp_part_and_they_fit_inside_the_step(loop):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = train_step.build_step(
+            loop, "ddfp", "mobilenet_v2", 33, 1, torch.device("cpu"), threshold=0.0
+        )
+        results = train_step.measure([step], repeats=2, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    wall = results["ddfp"]["wall"]
+    for part in train_step.SPLIT_PARTS:
+        assert wall["split"][part]["minimum"] > 0, f"{part} was never timed"
+    assert sum(wall["split_share_of_step"].values()) < 1.0
+    assert step.state["flow_trainer"].trainer.num_steps == 3, "one flow step per iteration"
+    assert step.timer._branch_backward_start is None, "the branch's backward hook pair must close"
+
+
+# ---------------------------------------------------------------------------- --quick end to end
+@pytest.mark.slow
+def test_train_step_quick_writes_every_field_the_readme_quotes(tmp_path):
+    command = [
+        sys.executable, "-m", "benchmarks.train_step", "--quick", "--threads", "1",
+        "--fp", "dropout", "ddfp", "both", "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
+    payload = json.loads((tmp_path / "train_step_cpu_quick.json").read_text())
+    assert payload["benchmark"] == "train_step_cpu_quick" and payload["device"] == "cpu"
+    results = payload["results"]
+    setup = results["setup"]
+    assert (setup["backbone"], setup["crop_size"], setup["labeled_per_iteration"]) == (
+        "mobilenet_v2", 33, 1,
+    )  # fmt: skip
+    assert setup["repeats"] == 2 and setup["torch_threads"] == 1
+    assert set(results["configs"]) == {"dropout", "ddfp", "both"}
+    for fp, entry in results["configs"].items():
+        for clock in ("wall", "cpu"):
+            step = entry[clock]["step"]
+            assert len(step["times"]) == 2 and step["q1"] <= step["median"] <= step["q3"]
+            assert ("split" in entry[clock]) == (fp != "dropout")
+    both = results["configs"]["both"]["wall"]
+    for part in train_step.SPLIT_PARTS:
+        share = both["split"][part]["median"] / both["step"]["median"]
+        assert both["split_share_of_step"][part] == pytest.approx(share)
+    medians = {fp: e["wall"]["step"]["median"] for fp, e in results["configs"].items()}
+    overhead = results["overhead"]["wall"]
+    assert overhead["both_vs_dropout"] == pytest.approx(medians["both"] / medians["dropout"] - 1)
+    assert {"split_ddfp", "split_both"} <= set(overhead) <= set(results["overhead"]["cpu"])
+
+
+@pytest.mark.slow
+def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path):
+    methods = ["supervised", "unimatch_dropout", "unimatch_ddfp"]
+    command = [
+        sys.executable, "-m", "benchmarks.ssl_demo", "--quick", "--methods", *methods,
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
+    payload = json.loads((tmp_path / "ssl_demo_quick.json").read_text())
+    results = payload["results"]
+    assert results["setup"]["split"] == "reported"
+    assert results["setup"]["iters_per_epoch"] == 2 and results["setup"]["seeds"] == [0]
+    assert [row["method"] for row in results["table"]] == methods
+    for row in results["table"]:
+        assert row["num_labeled"] == 4 and len(row["miou"]) == 1
+        assert 0.0 <= row["mean_miou"] <= 1.0 and row["std_miou"] == 0.0
+    for run in results["runs"]:
+        summary = json.loads((Path(run["out"]) / "summary.json").read_text())
+        assert run["final_miou"] == summary["final_miou"] and summary["iterations"] == 2
+    [pair] = [p for p in results["paired_vs_baseline"] if p["method"] == "unimatch_ddfp"]
+    table = {row["method"]: row["mean_miou"] for row in results["table"]}
+    assert pair["mean_difference"] == pytest.approx(
+        table["unimatch_ddfp"] - table["unimatch_dropout"]
+    )
+    plot = Path(results["plot"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=120)
+    again = json.loads((tmp_path / "ssl_demo_quick.json").read_text())["results"]
+    assert all(run["reused"] for run in again["runs"])
+    assert again["table"] == results["table"]
