@@ -19,6 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# The reference design is rebuilt on FrEIA, which the [test] and [bench] extras install.
+pytest.importorskip("FrEIA")
+
 from benchmarks import common, flow_coupling, perturbation  # noqa: E402
 from benchmarks.reference_design import (  # noqa: E402
     ReferenceDensity,
