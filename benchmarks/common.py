@@ -4,6 +4,8 @@ Timing reports the median and the interquartile range over repeats after warm-up
 device is synchronised around every call. Peak memory on the CPU is the growth of the process's peak
 resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set just before the
 call: it sees every allocation torch makes, unlike ``tracemalloc``, which sees Python objects only.
+Run it with :data:`EXACT_RSS_ENV` in the environment: glibc then returns every block above 64 KiB to
+the system when it is freed, so the resident set follows the live tensors instead of glibc's cache.
 On CUDA it is ``torch.cuda.max_memory_allocated`` over the allocation before the call.
 
 Heavy configurations run in worker subprocesses (:func:`run_worker`), so that an out-of-memory failure
@@ -29,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
+    "EXACT_RSS_ENV",
     "REPO_ROOT",
     "RESULTS_DIR",
     "WORKER_MARKER",
@@ -53,6 +56,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Prefix of the one stdout line through which a worker subprocess hands back its result.
 WORKER_MARKER = "BENCHMARK_RESULT "
+
+#: Environment for processes that measure peak RSS: a fixed mmap threshold makes glibc unmap
+#: freed blocks above 64 KiB at once (its default threshold grows up to 32 MiB, after which freed
+#: tensors stay cached in the heap and RSS says more about glibc than about the code measured).
+EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 _MIB = 1024.0 * 1024.0
 
@@ -226,12 +234,16 @@ def measure_peak_memory(
 def matmul_throughput(
     device: torch.device | str = "cpu", size: int = 2048, repeats: int = 5
 ) -> float:
-    """Measured float32 matmul throughput in FLOP/s (median of ``repeats`` square products)."""
+    """Best measured float32 matmul throughput in FLOP/s over ``repeats`` square products.
+
+    The fastest product is used: a floor estimate wants what the hardware can do, not what a busy
+    machine happened to give.
+    """
     device = torch.device(device)
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     timing = time_call(lambda: a @ b, repeats=repeats, warmup=2, device=device)
-    return 2.0 * size**3 / timing.median
+    return 2.0 * size**3 / timing.minimum
 
 
 def _cpu_model() -> str:
@@ -327,16 +339,35 @@ def emit_worker_result(result: dict[str, Any]) -> None:
     print(WORKER_MARKER + json.dumps(result), flush=True)
 
 
-def run_worker(module: str, config: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
+def run_worker(
+    module: str,
+    config: dict[str, Any],
+    timeout: float = 900.0,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``python -m <module> --worker <config as JSON>`` from the repository root.
 
-    Returns the worker's result, or ``{"status": "OOM/skipped" | "failed" | "timeout", ...}`` when it
-    was killed, ran out of memory or raised.
+    Args:
+        module: the benchmark module with a ``--worker`` entry point.
+        config: what the worker measures, JSON-serialisable.
+        timeout: seconds before the worker is killed.
+        env: variables added to this process's environment for the worker.
+
+    Returns:
+        The worker's result, or ``{"status": "OOM/skipped" | "failed" | "timeout", ...}`` when it
+        was killed, ran out of memory or raised.
     """
     command = [sys.executable, "-m", module, "--worker", json.dumps(config)]
+    environment = {**os.environ, **(env or {})}
     try:
         done = subprocess.run(
-            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            command,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=environment,
         )
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "timeout_s": timeout}

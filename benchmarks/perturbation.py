@@ -14,12 +14,16 @@ The shapes section also times ``head_only``, the fuse block's forward and input 
 density: every design pays it, so ``reference / head_only`` bounds the speed-up (and memory ratio)
 any implementation of the step can reach.
 
-Every configuration runs in its own subprocess: the first call of a fresh process gives the peak
-memory (growth of peak RSS on the CPU, ``max_memory_allocated`` on CUDA) and doubles as warm-up,
-then ``repeats`` calls are timed. The deltas of the first calls (same dropout masks) are compared
-by cosine. Sections: ``shapes`` (decoder-sized inputs), ``scaling`` (rows only, time and memory
-against N with fitted log-log exponents) and ``profile`` (torch.profiler table of ddfp_lib's step
-and an optimisation pass).
+Per configuration, every design first runs in a fresh subprocess of its own: its first call gives
+the peak memory (growth of peak RSS with glibc's mmap threshold fixed, see ``benchmarks.common``;
+``max_memory_allocated`` on CUDA) and the delta; the deltas (same dropout masks) are compared by
+cosine. Then one subprocess times all designs round-robin, ``repeats`` calls each after a warm-up
+call, so that they share the machine's load alike.
+
+Sections: ``shapes`` (decoder-sized inputs), ``scaling`` (rows only, time and memory against N with
+fitted log-log exponents) and ``profile`` (torch.profiler table of ddfp_lib's step and an
+optimisation pass: channels-last head, torch.compile of the density, bf16 autocast of the head,
+row chunks).
 
 Usage::
 
@@ -35,6 +39,7 @@ import argparse
 import importlib
 import json
 import math
+import resource
 import shutil
 import sys
 import tempfile
@@ -45,6 +50,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import (
+    EXACT_RSS_ENV,
     Timing,
     available_memory_bytes,
     emit_worker_result,
@@ -76,7 +82,8 @@ VARIANTS = (
     "compile_density",
     "bf16_head",
     "chunked",
-    "chunked_channels_last",
+    "chunked_4096",
+    "chunked_4096_channels_last",
 )
 
 IN_CHANNELS = 304
@@ -86,6 +93,8 @@ NUM_BLOCKS = 2
 EPS = 4.0
 BATCH = 4
 CHUNK_ROWS = 16384
+#: a variant slower than this for its first two calls is reported as such, not waited for.
+VARIANT_TIMEOUT_S = 300.0
 #: memory left to the rest of the machine when a worker caps its address space.
 MEMORY_MARGIN_BYTES = 2 * 1024**3
 
@@ -299,9 +308,28 @@ def _build_step(config: dict[str, Any], name: str, setup: dict[str, Any]) -> Cal
     return _step(name, setup, config.get("chunk_rows", CHUNK_ROWS))
 
 
+def _reference_does_not_fit(config: dict[str, Any]) -> str | None:
+    """Why the reference's ``(N, K, D)`` tensors cannot fit in free memory (None if they may).
+
+    A lower bound: three of them are alive at once in forward (repeat, difference, square).
+    """
+    if config["device"] != "cpu":
+        return None
+    rows = config.get("rows") or config["batch"] * config["size"] ** 2
+    needed = 3 * round(rows * config["density"]) * config["num_classes"] * DIM * 4
+    free = available_memory_bytes() - MEMORY_MARGIN_BYTES
+    if needed <= free:
+        return None
+    return f"predicted {needed / 2**30:.1f} GiB for (N, K, D) tensors, {free / 2**30:.1f} GiB free"
+
+
 def _worker_memory(config: dict[str, Any]) -> dict[str, Any]:
     """One design or variant in a fresh process: peak memory and time of its first two calls."""
     device, name = config["device"], config["name"]
+    if name == "reference":
+        reason = _reference_does_not_fit(config)
+        if reason is not None:
+            return {"status": "OOM/skipped", "error": reason}
     setup = _setup_from(config)
     step = _build_step(config, name, setup)
     _cap_memory(device)
@@ -313,18 +341,23 @@ def _worker_memory(config: dict[str, Any]) -> dict[str, Any]:
     delta = _delta(name, outputs.pop(), setup["features"]).detach().float().cpu()
     torch.save(delta, config["delta_path"])
     del delta
-    result = {"status": "ok", "memory": first, "first_call_s": first_call}
-    if config["kind"].startswith("variant"):
-        start = time.perf_counter()
-        result["memory_second_call"] = measure_peak_memory(step, device)
-        result["second_call_s"] = time.perf_counter() - start
-    return result
+    start = time.perf_counter()
+    second = measure_peak_memory(step, device)
+    return {
+        "status": "ok",
+        "memory": first,
+        "memory_second_call": second,
+        "first_call_s": first_call,
+        "second_call_s": time.perf_counter() - start,
+    }
 
 
 def _worker_timing(config: dict[str, Any]) -> dict[str, Any]:
     """All designs (or variants) of one configuration in one process, timed round-robin.
 
     Interleaving the calls gives every design the same share of whatever else runs on the machine.
+    Per call, the process's user and system CPU seconds and minor page faults are recorded too:
+    on a VM whose host backs guest memory lazily, page faults of fresh allocations can dominate.
     """
     device, names = config["device"], config["names"]
     shared = None if config["kind"].startswith("variant") else _setup_from(config)
@@ -341,16 +374,28 @@ def _worker_timing(config: dict[str, Any]) -> dict[str, Any]:
         except (MemoryError, RuntimeError) as error:
             errors[name] = str(error)[:400]
     active = [name for name in names if name not in errors]
+    usage = {name: [0.0, 0.0, 0] for name in active}
     for repeat in range(config["repeats"]):
         shift = repeat % max(len(active), 1)
         for name in active[shift:] + active[:shift]:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             times[name].append(time_call(steps[name], 1, 0, device).median)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage[name][0] += after.ru_utime - before.ru_utime
+            usage[name][1] += after.ru_stime - before.ru_stime
+            usage[name][2] += after.ru_minflt - before.ru_minflt
     result: dict[str, Any] = {"status": "ok", "time": {}}
     for name in names:
         if name in errors:
             result["time"][name] = {"status": "OOM/skipped", "error": errors[name]}
-        else:
-            result["time"][name] = Timing.from_times(times[name]).as_dict()
+            continue
+        user, system, faults = usage[name]
+        result["time"][name] = {
+            **Timing.from_times(times[name]).as_dict(),
+            "per_call_user_s": user / config["repeats"],
+            "per_call_sys_s": system / config["repeats"],
+            "per_call_minor_page_faults": faults / config["repeats"],
+        }
     return result
 
 
@@ -482,18 +527,23 @@ def _run_configuration(
     tag: str,
     log: Callable[[str], None],
     variants: bool = False,
+    timeout: float = 900.0,
 ) -> dict[str, Any]:
-    """Memory workers (one fresh process per design), then one round-robin timing worker."""
+    """Memory workers (one fresh process per design), then one round-robin timing worker.
+
+    A design whose memory worker fails or takes longer than ``timeout`` is not timed.
+    """
     prefix = "variant_" if variants else ""
     results: dict[str, Any] = {}
     paths: dict[str, Path] = {}
     for name in names:
         paths[name] = scratch / f"{tag}_{name}.pt"
         config = {**base, "kind": prefix + "memory", "name": name, "delta_path": str(paths[name])}
-        results[name] = run_worker(MODULE, config)
+        results[name] = run_worker(MODULE, config, timeout=timeout, env=EXACT_RSS_ENV)
     fitted = tuple(name for name in names if results[name].get("status") == "ok")
     if fitted:
-        timing = run_worker(MODULE, {**base, "kind": prefix + "timing", "names": list(fitted)})
+        config = {**base, "kind": prefix + "timing", "names": list(fitted)}
+        timing = run_worker(MODULE, config, timeout=4 * timeout)
         for name in fitted:
             measured = timing.get("time", {}).get(name)
             if measured is None:
@@ -506,14 +556,16 @@ def _run_configuration(
     for name in names:
         result = results[name]
         if result.get("status") == "ok":
+            seconds = result["time"]
             log(
-                f"  {tag} {name:22s} median {result['time']['median']:.3f} s "
-                f"(IQR {result['time']['iqr']:.3f}, first call {result['first_call_s']:.2f} s), "
+                f"  {tag} {name:26s} median {seconds['median']:.3f} s "
+                f"(IQR {seconds['iqr']:.3f}, sys {seconds.get('per_call_sys_s', 0.0):.2f} s, "
+                f"first call {result['first_call_s']:.2f} s), "
                 f"peak +{result['memory']['peak_mib']:.0f} MiB"
             )
         else:
             detail = result.get("error") or result.get("stderr_tail") or ""
-            log(f"  {tag} {name:22s} {result.get('status')}: {str(detail)[:160]}")
+            log(f"  {tag} {name:26s} {result.get('status')}: {str(detail)[:160]}")
     _compare(results, paths, "reference" if not variants else "baseline")
     return results
 
@@ -528,7 +580,7 @@ def run_shapes(
     batch = 2 if args.quick else BATCH
     entries = []
     for size, num_classes, density in shapes:
-        repeats = args.repeats or (2 if args.quick else (3 if size >= 129 else 5))
+        repeats = args.repeats or (2 if args.quick else 3)
         base = {
             "device": args.device,
             "threads": args.threads,
@@ -557,7 +609,7 @@ def run_scaling(
     sizes = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     points = []
     for rows in sizes:
-        repeats = args.repeats or (2 if args.quick else (3 if rows > 16384 else 5))
+        repeats = args.repeats or (2 if args.quick else 3)
         base = {
             "device": args.device,
             "threads": args.threads,
@@ -600,7 +652,9 @@ def run_profile(args: argparse.Namespace, scratch: Path, log: Callable[[str], No
     table = run_worker(MODULE, {**base, "kind": "profile"})
     variants = tuple(v for v in VARIANTS if not (args.quick and v == "compile_density"))
     base["repeats"] = args.repeats or (2 if args.quick else 3)
-    results = _run_configuration(base, variants, scratch, "variant", log, variants=True)
+    results = _run_configuration(
+        base, variants, scratch, "variant", log, variants=True, timeout=VARIANT_TIMEOUT_S
+    )
     return {"shape_b_h_k_density": list(shape), "profiler": table, "variants": results}
 
 
@@ -671,7 +725,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    flops_per_s = matmul_throughput(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    flops_per_s = matmul_throughput(args.device, size=4096 if args.device == "cuda" else 2048)
     log(f"measured float32 matmul throughput: {flops_per_s / 1e9:.1f} GFLOP/s on {args.device}")
     results: dict[str, Any] = {
         "settings": {
@@ -683,9 +739,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "eps": EPS,
             "chunk_rows": args.chunk_rows,
             "quick": args.quick,
+            "threads": torch.get_num_threads(),
             "sections": sections,
-            "memory_measure": "growth of peak RSS (VmHWM) over RSS on the first call of a fresh "
-            "worker process (CPU); max_memory_allocated growth (CUDA)",
+            "memory_measure": "CPU: growth of peak RSS (VmHWM) over RSS on the first call of a "
+            "fresh worker process run with MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live "
+            "tensors; CUDA: growth of max_memory_allocated",
         },
         "matmul_gflop_per_s": flops_per_s / 1e9,
     }
