@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from functools import partial
 from typing import Any, Callable
@@ -177,6 +178,7 @@ def run(rows: list[int], repeats: int, log: Callable[[str], None]) -> dict[str, 
     log(f"float64 agreement with ddfp_lib: {results['agreement_float64']}")
     means = flows["means"]
     for n in rows:
+        load_before = list(os.getloadavg())
         x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(n))
         calls = {
             "ddfp_lib": partial(flow_log_prob_gradient, flows["ddfp_lib"], means, x),
@@ -196,7 +198,14 @@ def run(rows: list[int], repeats: int, log: Callable[[str], None]) -> dict[str, 
         summary = {name: Timing.from_times(times[name]).as_dict() for name in FLOWS}
         base = summary["ddfp_lib"]["median"]
         ratios = {name: summary[name]["median"] / base for name in FLOWS}
-        results["sizes"].append({"rows": n, "time": summary, "time_over_ddfp_lib": ratios})
+        results["sizes"].append(
+            {
+                "rows": n,
+                "time": summary,
+                "time_over_ddfp_lib": ratios,
+                "load_average_before_after": [load_before, list(os.getloadavg())],
+            }
+        )
         log(
             f"N={n}: "
             + ", ".join(

@@ -6,9 +6,9 @@ weights, mixture means and confident-pixel mask:
 - ``reference``: :mod:`benchmarks.reference_design` (FrEIA flow, ``(N, K, D)`` mixture, boolean
   gather of the valid rows before the flow);
 - ``ddfp_lib``: ``DensityDescendingPerturbation(estimator, eps)(v, head=fuse_block, mask=mask)``;
-- ``ddfp_lib_chunked``: a prototype of a change to ddfp_lib (:func:`chunked_density_descent`): the
-  head runs once, then only the masked rows go through flow + prior in chunks of ``chunk_rows``,
-  each chunk differentiated on its own, and one backward pass through the head.
+- ``ddfp_lib_chunked``: ``DensityDescendingPerturbation(estimator, eps, chunk_rows=n)``: the head
+  runs once, then only the masked rows go through flow + prior, ``n`` rows at a time, each chunk
+  differentiated on its own, and one backward pass through the head.
 
 The shapes section also times ``head_only``, the fuse block's forward and input gradient without any
 density: every design pays it, so ``reference / head_only`` bounds the speed-up (and memory ratio)
@@ -67,7 +67,6 @@ __all__ = [
     "HEAD_ONLY",
     "VARIANTS",
     "build_setup",
-    "chunked_density_descent",
     "fit_exponent",
     "main",
     "perturbation_flops",
@@ -107,65 +106,6 @@ QUICK_ROWS = [512, 2048]
 PROFILE_SHAPE = (BATCH, 129, 21, 0.7)
 QUICK_PROFILE_SHAPE = (2, 17, 21, 0.7)
 MODULE = "benchmarks.perturbation"
-
-
-def chunked_density_descent(
-    estimator: Any,
-    features: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor] | None,
-    mask: torch.Tensor | None,
-    chunk_rows: int = CHUNK_ROWS,
-) -> torch.Tensor:
-    """Per-pixel unit density-descent direction, with flow + prior evaluated in row chunks.
-
-    Same result as ``ddfp_lib.density_descent_direction``: the head runs once, its output is
-    detached into rows, only the rows under ``mask`` enter the density (the rest have zero gradient
-    there anyway), each chunk of ``chunk_rows`` rows is differentiated on its own, and the row
-    gradients go back through the head in one backward call. Selecting the masked rows reads the
-    mask on the host, a synchronisation on accelerators.
-
-    Args:
-        estimator: a ``ddfp_lib.FlowDensityEstimator``.
-        features: the features to perturb.
-        head: maps features to the estimator's space; None if they already are there.
-        mask: bool, head-output pixels whose NLL counts; None = all.
-        chunk_rows: rows per flow evaluation.
-
-    Shape:
-        - features: ``(B, C, H, W)`` or ``(N, C)``; mask ``(B, H', W')`` or ``(N,)``
-        - returns: shape of ``features``, float32
-    """
-    from ddfp_lib import call_head_without_side_effects
-    from ddfp_lib._checks import RowLayout
-    from ddfp_lib.perturbations.base import per_pixel_unit
-
-    with torch.enable_grad():
-        leaf = features.detach().requires_grad_(True)
-        mapped = call_head_without_side_effects(head, leaf)
-        layout = RowLayout(mapped, estimator.dim, "head output")
-        rows = layout.to_rows(mapped.detach())
-        row_gradient = torch.zeros_like(rows, dtype=torch.float32)
-        if mask is None:
-            index = None
-            count = rows.shape[0]
-        else:
-            index = torch.nonzero(layout.values_to_rows(mask)).squeeze(1)
-            count = index.numel()
-        for start in range(0, count, chunk_rows):
-            if index is None:
-                chunk = rows[start : start + chunk_rows].detach().requires_grad_(True)
-            else:
-                chunk_index = index[start : start + chunk_rows]
-                chunk = rows.index_select(0, chunk_index).requires_grad_(True)
-            nll = -estimator.log_prob_rows(chunk).sum()
-            (chunk_gradient,) = torch.autograd.grad(nll, chunk)
-            if index is None:
-                row_gradient[start : start + chunk_rows] = chunk_gradient
-            else:
-                row_gradient.index_copy_(0, chunk_index, chunk_gradient.float())
-        mapped_gradient = layout.from_rows(row_gradient.to(mapped.dtype))
-        (gradient,) = torch.autograd.grad(mapped, leaf, mapped_gradient)
-    return per_pixel_unit(gradient.float(), channel_dim=1)
 
 
 def perturbation_flops(
@@ -264,9 +204,8 @@ def _step(design: str, setup: dict[str, Any], chunk_rows: int) -> Callable[[], t
         ddfp = DensityDescendingPerturbation(estimator, eps=EPS)
         return lambda: ddfp(features, head=head, mask=mask)
     if design == "ddfp_lib_chunked":
-        return lambda: (
-            features + EPS * chunked_density_descent(estimator, features, head, mask, chunk_rows)
-        )
+        chunked = DensityDescendingPerturbation(estimator, eps=EPS, chunk_rows=chunk_rows)
+        return lambda: chunked(features, head=head, mask=mask)
     if design == HEAD_ONLY:
         return lambda: _head_input_gradient(head, features)
     raise ValueError(f"unknown design {design!r}; expected one of {DESIGNS} or {HEAD_ONLY!r}")
@@ -444,11 +383,12 @@ def _variant_step(name: str, setup: dict[str, Any], device: str) -> Callable[[],
         setup["features"] = features
     if name == "compile_density":
         estimator.log_prob_rows = torch.compile(estimator.log_prob_rows)
+    chunk_rows = CHUNK_ROWS if name.startswith("chunked") else None
+    if name.startswith("chunked_4096"):
+        chunk_rows = 4096
+    ddfp = DensityDescendingPerturbation(estimator, eps=EPS, chunk_rows=chunk_rows)
     if name.startswith("chunked"):
-        return lambda: (
-            features + EPS * chunked_density_descent(estimator, features, head, mask, CHUNK_ROWS)
-        )
-    ddfp = DensityDescendingPerturbation(estimator, eps=EPS)
+        return lambda: ddfp(features, head=head, mask=mask)
     if name == "bf16_head":
 
         def autocast_step() -> torch.Tensor:

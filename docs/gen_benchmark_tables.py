@@ -274,7 +274,66 @@ def _perturbation_designs(stem: str, payload: dict[str, Any]) -> str:
             + _table(["design", "time exponent a", "memory exponent b"], rows)
             + f"\n\n![Time and memory against N](assets/{plot_path(stem).name})"
         )
+    profile = results.get("profile") or {}
+    if profile.get("variants"):
+        text += "\n\n" + _profile_variants(profile)
     return text
+
+
+VARIANT_NOTES = {
+    "baseline": "`DensityDescendingPerturbation(estimator, eps)`, the default call",
+    "channels_last": "fuse block and `v` in channels-last memory format",
+    "compile_density": "`torch.compile` of the flow + prior",
+    "bf16_head": "bfloat16 autocast (the flow stays float32)",
+    "chunked": "`chunk_rows=16384`",
+    "chunked_4096": "`chunk_rows=4096`",
+    "chunked_4096_channels_last": "`chunk_rows=4096`, channels-last head",
+}
+
+
+def _profile_variants(profile: dict[str, Any]) -> str:
+    batch, size, classes, density = profile["shape_b_h_k_density"]
+    top = (profile.get("profiler") or {}).get("top_ops") or []
+    lines = [
+        f"Where the time goes and one optimisation pass, at B={batch}, H=W={size}, K={classes}, "
+        f"{density:.0%} confident pixels (`--sections profile`). Heaviest operators of the "
+        "default call by self CPU time: "
+        + ", ".join(f"`{op['op']}` {op['self_ms'] / 1000:.2f} s" for op in top[:4])
+        + ".",
+        "",
+    ]
+    rows = []
+    for name, result in profile["variants"].items():
+        note = VARIANT_NOTES.get(name, name)
+        if result.get("status") != "ok":
+            rows.append([f"`{name}`", note, result.get("status", "-"), "-", "-", "-"])
+            continue
+        speedup = result.get("speedup_vs_baseline")
+        memory = result.get("memory_ratio_vs_baseline")
+        rows.append(
+            [
+                f"`{name}`",
+                note,
+                f"{result['time']['median']:.2f}",
+                f"{result['memory']['peak_mib']:.0f}",
+                "1.00x" if name == "baseline" else f"{speedup:.2f}x",
+                "1.00x" if name == "baseline" else f"{memory:.2f}x",
+            ]
+        )
+    lines.append(
+        _table(
+            ["variant", "what changes", "median s", "peak MiB", "faster", "less memory"],
+            rows,
+        )
+    )
+    timed_out = [n for n, r in profile["variants"].items() if r.get("status") == "timeout"]
+    if timed_out:
+        lines += [
+            "",
+            "A timeout is a variant whose first calls did not finish within the benchmark's limit "
+            "(on CPUs without native bfloat16 instructions, bfloat16 convolutions are emulated).",
+        ]
+    return "\n".join(lines)
 
 
 def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:

@@ -208,3 +208,53 @@ def test_bad_inputs_raise_value_error_naming_the_problem(call, match):
 def test_non_positive_eps_is_rejected(eps):
     with pytest.raises(ValueError, match="eps must be > 0"):
         DensityDescendingPerturbation(FlowDensityEstimator(8, 3, hidden_dim=16), eps=eps)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("with_head", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_chunked_evaluation_equals_the_single_call(chunk_rows, with_head, with_mask):
+    torch.manual_seed(1)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().eval() if with_head else None
+    features = torch.randn(2, 12 if with_head else 8, 5, 6)
+    mask = torch.rand(2, 5, 6) > 0.4 if with_mask else None
+    single = DensityDescendingPerturbation(est, eps=3.0)(features, head=head, mask=mask)
+    chunked = DensityDescendingPerturbation(est, eps=3.0, chunk_rows=chunk_rows)(
+        features, head=head, mask=mask
+    )
+    assert torch.allclose(chunked, single, atol=1e-5)
+    if with_mask and not with_head:
+        assert torch.equal(chunked.permute(0, 2, 3, 1)[~mask], features.permute(0, 2, 3, 1)[~mask])
+
+
+def test_chunked_evaluation_is_side_effect_free_and_passes_gradient_as_identity():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    buffers_before = {k: v.clone() for k, v in head.state_dict().items()}
+    features = torch.randn(2, 12, 6, 6, requires_grad=True)
+    mask = torch.rand(2, 6, 6) > 0.3
+    out = DensityDescendingPerturbation(est, chunk_rows=5)(features, head=head, mask=mask)
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, buffers_before[name]), name
+    assert all(p.grad is None for p in [*head.parameters(), *est.parameters()])
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.equal(features.grad, weights)
+
+
+def test_chunked_evaluation_of_an_empty_mask_leaves_features_unchanged():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    features = torch.randn(2, 8, 3, 3)
+    out = DensityDescendingPerturbation(est, chunk_rows=4)(
+        features, mask=torch.zeros(2, 3, 3, dtype=torch.bool)
+    )
+    assert torch.equal(out, features)
+
+
+@pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True])
+def test_bad_chunk_rows_is_rejected(chunk_rows):
+    with pytest.raises(ValueError, match="chunk_rows"):
+        DensityDescendingPerturbation(
+            FlowDensityEstimator(8, 3, hidden_dim=16), chunk_rows=chunk_rows
+        )

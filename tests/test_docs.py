@@ -378,3 +378,26 @@ def test_citation_names_the_paper_and_its_authors():
     assert paper["title"].startswith("Towards the Uncharted")
     assert [a["family-names"] for a in paper["authors"]] == ["Wang", "Bai", "Yu", "Zhao", "Xiao"]
     assert paper["year"] == 2024 and "2403.06462" in json.dumps(paper)
+
+
+def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
+    """The README's speed and memory ratios at the paper's crop are those in perturbation.json."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = json.loads((ROOT / "benchmarks" / "results" / "perturbation.json").read_text())
+    targets = {
+        (row["design"], row["density"]): row
+        for row in results["results"]["targets_b4_h129"]
+        if row["num_classes"] == 21
+    }
+    full, chunked = targets[("ddfp_lib", 1.0)], targets[("ddfp_lib_chunked", 1.0)]
+    quoted = (
+        f"takes {full['speedup']:.2f}x less time and {full['memory_ratio']:.1f}x less peak memory",
+        f"{chunked['speedup']:.2f}x / {chunked['memory_ratio']:.1f}x with `chunk_rows=16384`",
+        f"the chunked one is {targets[('ddfp_lib_chunked', 0.3)]['speedup']:.2f}x faster",
+    )
+    for phrase in quoted:
+        assert phrase in readme, phrase
+    assert targets[("ddfp_lib", 0.3)]["speedup"] < 1.0, (
+        "README says the default call is slower at 30 %"
+    )
+    assert results["results"]["settings"]["chunk_rows"] == 16384

