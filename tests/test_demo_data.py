@@ -253,3 +253,15 @@ def test_digit_height_range_sets_the_height_of_the_pasted_digits() -> None:
     # Rotation (up to 25 degrees) and the half-opacity edge move the covered height a little.
     assert 0.18 <= small <= 0.36 and 0.5 <= large <= 0.8
     assert large > 2.0 * small
+
+
+def test_digits_per_image_bounds_the_digits_in_every_image(tmp_path: Path) -> None:
+    root = make_demo_dataset(tmp_path / "single", digits_per_image=(1, 1), **SMALL)
+    for split in ("train", "val"):
+        for line in read_split_file(root / "splits" / f"{split}.txt"):
+            mask = np.asarray(Image.open(root / line.split()[1]))
+            assert len(set(np.unique(mask).tolist()) - {0}) == 1, line
+    stamp = json.loads((root / "demo_dataset.json").read_text())
+    assert stamp["parameters"]["digits_per_image"] == [1, 1]
+    with pytest.raises(ValueError, match="digits_per_image"):
+        make_demo_dataset(tmp_path / "bad", digits_per_image=(0, 2))

@@ -335,6 +335,7 @@ def _parameters(
     seed: int,
     size_range: tuple[int, int],
     digit_height_range: tuple[float, float],
+    digits_per_image: tuple[int, int],
 ) -> dict[str, Any]:
     return {
         "format_version": _FORMAT_VERSION,
@@ -343,6 +344,7 @@ def _parameters(
         "seed": seed,
         "size_range": [size_range[0], size_range[1]],
         "digit_height_range": [digit_height_range[0], digit_height_range[1]],
+        "digits_per_image": [digits_per_image[0], digits_per_image[1]],
         "backgrounds": list(BACKGROUND_IMAGES),
     }
 
@@ -377,6 +379,7 @@ def make_demo_dataset(
     size_range: tuple[int, int] = (64, 96),
     force: bool = False,
     digit_height_range: tuple[float, float] = DIGIT_HEIGHT_RANGE,
+    digits_per_image: tuple[int, int] = (1, 3),
 ) -> Path:
     """Generate the digit-scenes dataset, or return at once if it is already there.
 
@@ -393,6 +396,7 @@ def make_demo_dataset(
         force: regenerate even if a matching dataset exists.
         digit_height_range: ``(min, max)`` digit height as a fraction of the image height,
             ``0 < min <= max <= 1``.
+        digits_per_image: inclusive ``(min, max)`` number of digits in an image, ``1 <= min``.
 
     Returns:
         The dataset root.
@@ -411,8 +415,15 @@ def make_demo_dataset(
         raise ValueError(
             f"digit_height_range must satisfy 0 < min <= max <= 1, got {tuple(digit_height_range)}"
         )
+    fewest, most = (int(n) for n in digits_per_image)
+    if not 1 <= fewest <= most:
+        raise ValueError(
+            f"digits_per_image must satisfy 1 <= min <= max, got {tuple(digits_per_image)}"
+        )
     out = Path(root).expanduser() if root is not None else default_demo_root()
-    parameters = _parameters(num_train, num_val, seed, (low, high), (digit_low, digit_high))
+    parameters = _parameters(
+        num_train, num_val, seed, (low, high), (digit_low, digit_high), (fewest, most)
+    )
     if not force and _is_complete(out, parameters):
         return out
 
@@ -429,7 +440,7 @@ def make_demo_dataset(
 
     for split_code, (split, count) in enumerate((("train", num_train), ("val", num_val)), 1):
         split_rng = np.random.default_rng([seed, split_code])
-        digits_per_image = split_rng.integers(1, 4, size=count)
+        digits_per_image = split_rng.integers(fewest, most + 1, size=count)
         # Concatenated permutations keep the classes balanced: every 10 digits hold each value once.
         num_digits = int(digits_per_image.sum())
         class_stream = np.concatenate(
