@@ -693,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "iterations": progress["iteration"],
         "best_miou": progress["best_miou"],
         "final_miou": progress["history"][-1]["miou"] if progress["history"] else None,
+        "final_scores": progress["history"][-1].get("extra", {}) if progress["history"] else {},
         "seconds": time.time() - start_time,
         "stopped_early": stopped,
     }
@@ -759,20 +760,33 @@ def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
     )
 
 
+def foreground_scores(meter: IoUMeter, spec) -> dict[str, float]:
+    """For datasets whose class 0 is background: are objects found, and are they named right?"""
+    if spec.class_names[0] != "background":
+        return {}
+    return {
+        "foreground IoU": meter.foreground_iou(0),
+        "foreground accuracy": meter.foreground_accuracy(0),
+    }
+
+
 def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None:
     miou = meter.miou()
+    scores = foreground_scores(meter, DATASETS[args.dataset])
     progress["history"].append(
         {
             "epoch": progress["epoch"],
             "iteration": progress["iteration"],
             "miou": miou,
             "iou": [None if math.isnan(x) else x for x in meter.per_class_iou().tolist()],
+            "extra": scores,
         }
     )
     if ctx.is_main:
+        shown = "".join(f", {name} {100 * value:.2f}" for name, value in scores.items())
         print(
             f"[ddfp] epoch {progress['epoch']}: mIoU {100 * miou:.2f}"
-            f" (best {100 * max(miou, progress['best_miou']):.2f})"
+            f" (best {100 * max(miou, progress['best_miou']):.2f}){shown}"
         )
     if miou > progress["best_miou"]:
         progress["best_miou"] = miou
@@ -782,14 +796,11 @@ def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None
 def summary_table(progress, args) -> str:
     spec = DATASETS[args.dataset]
     last = progress["history"][-1]
-    meter = IoUMeter(spec.num_classes)
-    iou = torch.tensor([float("nan") if x is None else x for x in last["iou"]], dtype=torch.float64)
-    meter.intersection, meter.union = torch.nan_to_num(iou), (~torch.isnan(iou)).double()
     title = (
         f"{args.dataset} | mode={args.mode} fp={args.fp} | {progress['iteration']} iterations | "
         f"best mIoU {100 * progress['best_miou']:.2f}"
     )
-    return format_iou_table(meter, spec.class_names, title=title)
+    return format_iou_table(last["iou"], spec.class_names, title=title, extra=last.get("extra"))
 
 
 def save(path: Path, model, state, progress, args, ctx) -> None:

@@ -14,15 +14,18 @@ __all__ = ["IoUMeter", "evaluate", "format_iou_table", "sliding_window_logits"]
 
 
 class IoUMeter:
-    """Accumulates per-class intersection and union over predictions; ``ignore_index`` pixels skip."""
+    """Accumulates a confusion matrix over predictions; ``ignore_index`` pixels are skipped.
+
+    ``confusion[t, p]`` counts pixels of true class ``t`` predicted as ``p``; per-class IoU, mIoU and
+    the foreground scores are read from it.
+    """
 
     def __init__(
         self, num_classes: int, ignore_index: int = 255, device: torch.device | None = None
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.intersection = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        self.union = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         """prediction, target: ``(B, H, W)`` long."""
@@ -30,26 +33,48 @@ class IoUMeter:
         pred = prediction[valid]
         true = target[valid]
         k = self.num_classes
-        counts = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k).to(self.union)
-        tp = counts.diag()
-        self.intersection += tp
-        self.union += counts.sum(0) + counts.sum(1) - tp
+        counts = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+        self.confusion += counts.to(self.confusion)
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.intersection)
-            dist.all_reduce(self.union)
+            dist.all_reduce(self.confusion)
+
+    @property
+    def intersection(self) -> torch.Tensor:
+        """Per class: pixels of the class predicted as the class."""
+        return self.confusion.diag()
+
+    @property
+    def union(self) -> torch.Tensor:
+        """Per class: pixels of the class or predicted as it."""
+        return self.confusion.sum(0) + self.confusion.sum(1) - self.confusion.diag()
 
     def per_class_iou(self) -> torch.Tensor:
         """IoU per class in [0, 1]; NaN for a class absent from both prediction and target."""
-        return torch.where(
-            self.union > 0, self.intersection / self.union.clamp_min(1), float("nan")
-        )
+        union = self.union
+        return torch.where(union > 0, self.intersection / union.clamp_min(1), float("nan"))
 
     def miou(self) -> float:
         iou = self.per_class_iou()
         present = ~torch.isnan(iou)
         return float(iou[present].mean()) if present.any() else float("nan")
+
+    def foreground_iou(self, background: int = 0) -> float:
+        """IoU of "any class but ``background``" as one class: are the objects found at all?"""
+        total = self.confusion.sum()
+        both = total - self.confusion[background].sum() - self.confusion[:, background].sum()
+        both += self.confusion[background, background]
+        union = total - self.confusion[background, background]
+        return float(both / union) if union > 0 else float("nan")
+
+    def foreground_accuracy(self, background: int = 0) -> float:
+        """Share of the non-``background`` pixels predicted as their own class: are they named right?"""
+        foreground = torch.ones(self.num_classes, dtype=torch.bool, device=self.confusion.device)
+        foreground[background] = False
+        pixels = self.confusion[foreground].sum()
+        correct = self.confusion.diag()[foreground].sum()
+        return float(correct / pixels) if pixels > 0 else float("nan")
 
 
 def sliding_window_logits(
@@ -105,16 +130,35 @@ def evaluate(
     return meter
 
 
-def format_iou_table(meter: IoUMeter, class_names: Sequence[str], title: str = "") -> str:
-    """A plain-text table of per-class IoU (%) and the mIoU."""
-    iou = meter.per_class_iou()
-    width = max(10, max(len(n) for n in class_names) + 2)
+def format_iou_table(
+    meter: IoUMeter | Sequence[float | None] | torch.Tensor,
+    class_names: Sequence[str],
+    title: str = "",
+    extra: dict[str, float] | None = None,
+) -> str:
+    """A plain-text table of per-class IoU (%) and the mIoU, then any ``extra`` scores (in [0, 1]).
+
+    ``meter`` is an :class:`IoUMeter` or the per-class IoUs themselves (None / NaN = absent class).
+    """
+    if isinstance(meter, IoUMeter):
+        iou = meter.per_class_iou().tolist()
+    else:
+        values = meter.tolist() if isinstance(meter, torch.Tensor) else list(meter)
+        iou = [float("nan") if v is None else float(v) for v in values]
+    if len(iou) != len(class_names):
+        raise ValueError(f"{len(iou)} IoU values for {len(class_names)} class names")
+    present = [v for v in iou if not math.isnan(v)]
+    miou = sum(present) / len(present) if present else float("nan")
+    width = max(10, max(len(n) for n in class_names) + 2, *(len(k) + 2 for k in extra or {}))
     lines = [title] if title else []
     lines.append(f"{'class':<{width}}{'IoU (%)':>9}")
     lines.append("-" * (width + 9))
-    for name, value in zip(class_names, iou.tolist()):
+    for name, value in zip(class_names, iou):
         shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
         lines.append(f"{name:<{width}}{shown:>9}")
     lines.append("-" * (width + 9))
-    lines.append(f"{'mIoU':<{width}}{100 * meter.miou():>9.2f}")
+    lines.append(f"{'mIoU':<{width}}{100 * miou:>9.2f}")
+    for name, value in (extra or {}).items():
+        shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+        lines.append(f"{name:<{width}}{shown:>9}")
     return "\n".join(lines)
