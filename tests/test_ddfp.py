@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator
+from ddfp_lib.perturbations import density_descent_direction
 
 
 def permuted(est, x):
@@ -254,7 +255,8 @@ def test_chunked_evaluation_of_an_empty_mask_leaves_features_unchanged():
 
 @pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True])
 def test_bad_chunk_rows_is_rejected(chunk_rows):
+    estimator = FlowDensityEstimator(8, 3, hidden_dim=16)
     with pytest.raises(ValueError, match="chunk_rows"):
-        DensityDescendingPerturbation(
-            FlowDensityEstimator(8, 3, hidden_dim=16), chunk_rows=chunk_rows
-        )
+        DensityDescendingPerturbation(estimator, chunk_rows=chunk_rows)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        density_descent_direction(estimator, torch.randn(4, 8), chunk_rows=chunk_rows)

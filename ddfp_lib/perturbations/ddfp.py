@@ -48,6 +48,7 @@ def density_descent_direction(
         - mask: ``(B, H', W')`` or ``(N,)``
         - returns: shape of ``features``, float32, unit or zero norm per pixel
     """
+    _check_chunk_rows(chunk_rows)
     with torch.enable_grad():
         leaf = features.detach().requires_grad_(True)
         mapped = call_head_without_side_effects(head, leaf)
@@ -70,6 +71,14 @@ def density_descent_direction(
             row_gradient = _chunked_nll_gradient(estimator, rows.detach(), row_mask, chunk_rows)
             (gradient,) = torch.autograd.grad(rows, leaf, row_gradient.to(rows.dtype))
     return per_pixel_unit(gradient.float(), channel_dim=1)
+
+
+def _check_chunk_rows(chunk_rows: int | None) -> int | None:
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
+    return chunk_rows
 
 
 def _chunked_nll_gradient(
@@ -143,11 +152,7 @@ class DensityDescendingPerturbation(FeaturePerturbation):
             )
         self.estimator = estimator
         self.eps = check_positive(eps, "eps")
-        if chunk_rows is not None and (
-            isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
-        ):
-            raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = _check_chunk_rows(chunk_rows)
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_rows is None else f", chunk_rows={self.chunk_rows}"
