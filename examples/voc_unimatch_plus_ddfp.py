@@ -173,6 +173,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=None, help="default: 80, or 5 for demo")
     optim.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="supervised-only epochs before the unlabelled streams start "
+        "(the reference DDFP loop uses 1)",
+    )
+    optim.add_argument(
         "--iters-per-epoch",
         type=int,
         default=None,
@@ -239,6 +246,10 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--perturbation must be one of {available_perturbations()}")
     if args.mode == "supervised":
         args.fp = "none"
+    if not 0 <= args.warmup_epochs < args.epochs:
+        parser.error(
+            f"--warmup-epochs must be in [0, epochs), got {args.warmup_epochs} for {args.epochs} epochs"
+        )
     if args.labeled_list is None and args.num_labeled is None:
         args.num_labeled = 60 if demo else None
         if not demo and args.dataset != "cityscapes":
@@ -478,8 +489,11 @@ def cutmix_targets(labels, confidence, ignore, labels_mix, confidence_mix, ignor
     )
 
 
-def train_iteration(net, batch, state, args, ctx) -> dict[str, torch.Tensor]:
-    """One UniMatch (+ DDFP) iteration: losses, backward, SGD step, then the flow's online step."""
+def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[str, torch.Tensor]:
+    """One UniMatch (+ DDFP) iteration: losses, backward, SGD step, then the flow's online step.
+
+    ``warmup``: labelled loss only (the unlabelled batches are drawn but not used).
+    """
     (img_x, mask_x), u, u_mix = batch
     device = ctx.device
     img_x, mask_x = img_x.to(device, non_blocking=True), mask_x.to(device, non_blocking=True)
@@ -490,7 +504,7 @@ def train_iteration(net, batch, state, args, ctx) -> dict[str, torch.Tensor]:
     )
     optimizer, scaler = state["optimizer"], state["scaler"]
 
-    if args.mode == "supervised":
+    if args.mode == "supervised" or warmup:
         with autocast:
             pred_x = net("predict", img_x)
         losses = {"x": F.cross_entropy(pred_x.float(), mask_x, ignore_index=IGNORE_INDEX)}
@@ -558,7 +572,7 @@ def train_iteration(net, batch, state, args, ctx) -> dict[str, torch.Tensor]:
 
     logged = {f"loss_{k}": v.detach() for k, v in losses.items()}
     logged["loss"] = total.detach()
-    if state["flow_trainer"] is not None:
+    if state["flow_trainer"] is not None and "h_x" in out:
         unlabeled_classes = torch.where(ignore_mask == IGNORE_INDEX, IGNORE_INDEX, -1)
         logged["flow_nll"] = state["flow_trainer"].step(
             [out["h_x"].detach(), out["h_u_w"].detach()], [mask_x, unlabeled_classes]
@@ -660,7 +674,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for batch in bar:
                 lr = set_poly_lr(state["optimizer"], args, progress["iteration"], total_iters)
                 tic = time.time()
-                logged = train_iteration(net, batch, state, args, ctx)
+                logged = train_iteration(
+                    net, batch, state, args, ctx, warmup=epoch < args.warmup_epochs
+                )
                 progress["iteration"] += 1
                 progress["step_in_epoch"] += 1
                 ran += 1

@@ -163,3 +163,22 @@ def test_mask_with_labels_outside_the_classes_is_a_clear_error(tiny_voc_root, tm
     module = load_script()
     with pytest.raises(ValueError, match="30"):
         module.main(tiny_args(root, tmp_path / "o", "--mode", "supervised"))
+
+
+def test_warmup_epochs_train_the_labelled_loss_only_then_every_stream(tiny_voc_root, tmp_path):
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path, "--log-every", "1", "--fp", "ddfp")
+    args[args.index("--epochs") + 1] = "2"
+    summary = module.main([*args, "--warmup-epochs", "1"])
+    assert summary["iterations"] == 4
+    rows = read_log(tmp_path)
+    assert [row["epoch"] for row in rows] == ["0", "0", "1", "1"]
+    for row in rows[:2]:
+        assert row["loss_x"] != "" and row["loss_s1"] == "" and row["flow_nll"] == ""
+    for row in rows[2:]:
+        assert all(row[k] != "" for k in ("loss_x", "loss_s1", "loss_ddfp", "flow_nll"))
+
+
+def test_warmup_must_leave_a_semi_supervised_epoch(tiny_voc_root, tmp_path):
+    with pytest.raises(SystemExit):
+        load_script().main(tiny_args(tiny_voc_root, tmp_path, "--warmup-epochs", "1"))

@@ -240,6 +240,18 @@ class CsvLog:
             self._fields = list(row)
             with open(self.path, "w", newline="") as file:
                 csv.writer(file).writerow(self._fields)
+        new_fields = [k for k in row if k not in self._fields]
+        if new_fields:
+            # A stream that starts later (e.g. after a warm-up) gets its column; old rows stay.
+            with open(self.path, newline="") as file:
+                old_rows = list(csv.DictReader(file))
+            self._fields += new_fields
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", newline="") as file:
+                writer = csv.DictWriter(file, self._fields, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
+            os.replace(tmp, self.path)
         with open(self.path, "a", newline="") as file:
             csv.writer(file).writerow([row.get(k, "") for k in self._fields])
         if self._writer is not None:
