@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 __all__ = [
     "EXACT_RSS_ENV",
@@ -39,6 +40,7 @@ __all__ = [
     "available_memory_bytes",
     "current_rss_bytes",
     "emit_worker_result",
+    "fuse_block",
     "limit_address_space",
     "load_results",
     "machine_info",
@@ -102,6 +104,24 @@ class Timing:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields, with the IQR."""
         return {**asdict(self), "iqr": self.iqr}
+
+
+def fuse_block(in_channels: int = 304, channels: int = 256, dropout: float = 0.1) -> nn.Sequential:
+    """DeepLabV3+'s decoder fuse block, DDFP's ``head``: (conv3x3-BN-ReLU-Dropout2d) x 2.
+
+    Shape:
+        - input ``(B, in_channels, H, W)`` -> output ``(B, channels, H, W)``
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
+    )
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -24,7 +24,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,44 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import fuse_block, time_call  # noqa: E402
 from ddfp_lib import FlowDensityEstimator, available_perturbations, build_perturbation
 from ddfp_lib.perturbations import virtual_adversarial_direction
 
-__all__ = ["fuse_block", "main", "time_calls"]
+__all__ = ["main", "run_timings", "vat_precision"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def fuse_block(in_channels: int, channels: int, dropout: float = 0.1) -> nn.Sequential:
-    """DeepLabV3+'s decoder fuse block, DDFP's ``head``."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-    )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(call, repeats: int, device: torch.device) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls after one warm-up call."""
-    call()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def vat_precision(features: torch.Tensor, head: nn.Module, xis: list[float]) -> dict[str, float]:
@@ -129,13 +99,15 @@ def run_timings(
 ) -> list[dict[str, Any]]:
     """Median seconds per call of the head's forward pass and of every selected perturbation."""
     rows: list[dict[str, Any]] = []
-    reference = time_calls(lambda: heads["ddfp"](features), args.repeats, features.device)
+    reference = time_call(
+        lambda: heads["ddfp"](features), args.repeats, warmup=1, device=features.device
+    ).times
     rows.append({"name": "head forward (reference)", "times_s": reference})
     for name in args.only or available_perturbations():
         perturbation = build_perturbation(name, **options.get(name, {}))
         generator = torch.Generator(device=features.device).manual_seed(0)
         call = functools.partial(perturbation, features, head=heads.get(name), generator=generator)
-        times = time_calls(call, args.repeats, features.device)
+        times = time_call(call, args.repeats, warmup=1, device=features.device).times
         rows.append({"name": name, "repr": repr(perturbation), "times_s": times})
     head_median = statistics.median(reference)
     for row in rows:

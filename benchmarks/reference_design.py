@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import fuse_block
 from ddfp_lib import FlowDensityEstimator
 from ddfp_lib.flows import GlowCoupling
 
@@ -35,24 +36,6 @@ __all__ = [
     "reference_perturbation",
     "repeated_mixture_log_prob",
 ]
-
-
-def fuse_block(in_channels: int = 304, channels: int = 256, dropout: float = 0.1) -> nn.Sequential:
-    """DeepLabV3+'s decoder fuse block: (conv3x3-BN-ReLU-Dropout2d) x 2.
-
-    Shape:
-        - input ``(B, in_channels, H, W)`` -> output ``(B, channels, H, W)``
-    """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-    )
 
 
 def repeated_mixture_log_prob(z: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
