@@ -371,7 +371,9 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
         "The example loop on the built-in digit scenes (MobileNetV2 DeepLabV3+ with ImageNet "
         f"weights, CPU), every method with the same budget: {setup['epochs']} epoch(s) of "
         f"{setup['iters_per_epoch']} iterations of {setup['batch_size']} labelled + "
-        f"{setup['batch_size']} unlabelled images, eps {setup['eps']:g}, seeds "
+        f"{setup['batch_size']} unlabelled images, "
+        + (f"eps {setup['eps']:g}" if setup.get("eps") is not None else "the loop's default eps")
+        + ", seeds "
         f"{', '.join(str(s) for s in setup['seeds'])}. Score: {setup['score']}, on {split}. A "
         "seed fixes the labelled images, so methods are compared seed by seed against "
         f"{baseline_label}.\n\n"

@@ -112,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--crop-size", type=int, default=None, help="training crop (default per dataset)"
     )
     data.add_argument(
+        "--resize-range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="random resize ratio range of the weak view (default 0.5 2.0; demo 0.8 1.25)",
+    )
+    data.add_argument(
         "--demo-size",
         type=int,
         nargs=2,
@@ -153,8 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument(
         "--fp",
         choices=["none", "dropout", "ddfp", "both"],
-        default="both",
-        help="feature perturbation streams: UniMatch's dropout FP, DDFP, or both",
+        default=None,
+        help="feature perturbation streams: UniMatch's dropout FP, DDFP, or both (default: "
+        "both; ddfp for demo, where dropout FP lowers the foreground at the demo budget)",
     )
     method.add_argument(
         "--perturbation",
@@ -162,7 +171,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="primitive used by the DDFP stream: one of ddfp_lib.available_perturbations()",
     )
     method.add_argument(
-        "--eps", type=float, default=4.0, help="step norm of ddfp / random_direction / vat"
+        "--eps",
+        type=float,
+        default=None,
+        help="step norm of ddfp / random_direction / vat (default 4.0; demo 1.0, chosen on "
+        "held-out training images)",
     )
     method.add_argument(
         "--threshold", type=float, default=0.95, help="pseudo-label confidence threshold"
@@ -234,11 +247,15 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         ("mobilenet_v2" if demo else "resnet101") if args.backbone == "auto" else args.backbone
     )
     args.crop_size = args.crop_size or spec.crop_size
+    args.resize_range = tuple(args.resize_range or spec.resize_range)
+    if not 0 < args.resize_range[0] <= args.resize_range[1]:
+        parser.error(f"--resize-range must satisfy 0 < LOW <= HIGH, got {args.resize_range}")
     args.epochs = args.epochs or (5 if demo else 80)
     if demo and args.iters_per_epoch is None:
         args.iters_per_epoch = 60
     args.batch_size = args.batch_size or (8 if demo else 2)
     args.lr = args.lr or (5e-3 if demo else 1e-3)
+    args.eps = args.eps if args.eps is not None else (1.0 if demo else 4.0)
     if args.perturbation != "ddfp":
         from ddfp_lib import available_perturbations
 
@@ -246,6 +263,8 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--perturbation must be one of {available_perturbations()}")
     if args.mode == "supervised":
         args.fp = "none"
+    elif args.fp is None:
+        args.fp = "ddfp" if demo else "both"
     if not 0 <= args.warmup_epochs < args.epochs:
         parser.error(
             f"--warmup-epochs must be in [0, epochs), got {args.warmup_epochs} for {args.epochs} epochs"
@@ -301,7 +320,12 @@ def dataset_lines(
 def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
     spec = DATASETS[args.dataset]
     root, labeled, unlabeled, val_lines = dataset_lines(args, ctx)
-    common = dict(crop_size=args.crop_size, num_classes=spec.num_classes, hflip=spec.hflip)
+    common = dict(
+        crop_size=args.crop_size,
+        num_classes=spec.num_classes,
+        hflip=spec.hflip,
+        ratio_range=args.resize_range,
+    )
     train_u = SemiSegDataset(root, unlabeled, "train_u", **common)
     # UniMatch repeats the labelled list so that one pass over it lasts as long as the unlabelled one.
     train_l = SemiSegDataset(root, labeled, "train_l", min_length=len(unlabeled), **common)
@@ -327,6 +351,8 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
         batch_size=1,
         sampler=val_sampler,
         num_workers=min(args.workers, 1),
+        # Its own generator: evaluating must not draw from the RNG stream that training uses.
+        generator=torch.Generator().manual_seed(args.seed + 99),
     )
     loaders = {"x": loader(train_l, 0), "u": loader(train_u, 1), "u_mix": loader(train_u, 2)}
     sizes = {"labeled": len(labeled), "unlabeled": len(unlabeled), "val": len(val_lines)}

@@ -57,7 +57,8 @@ def test_paired_differences_subtract_the_baseline_at_the_same_seed_and_size():
         _run("unimatch_ddfp", 10, 0, 0.35), _run("unimatch_ddfp", 10, 1, 0.45),
         _run("unimatch_ddfp", 40, 0, 0.90),
     ]  # fmt: skip
-    paired = ssl_demo.paired_differences(runs)
+    assert ssl_demo.paired_differences(runs) == [], "the default baseline (supervised) did not run"
+    paired = ssl_demo.paired_differences(runs, "unimatch_dropout")
     assert len(paired) == 1, "size 40 has no baseline run, so it has no pair"
     row = paired[0]
     assert (row["method"], row["num_labeled"], row["seeds"]) == ("unimatch_ddfp", 10, [0, 1])
@@ -130,7 +131,7 @@ def test_every_method_command_is_read_by_the_loop_with_the_study_budget(loop, me
         assert getattr(args, key) == value
     assert (args.dataset, args.num_labeled, args.seed, args.out) == ("demo", 12, 4, out)
     assert (args.epochs, args.iters_per_epoch, args.batch_size, args.eps) == (2, 7, 3, 2.5)
-    assert args.eval_every == 2, "the val split must be evaluated once, after the last epoch"
+    assert args.eval_every == budget.eval_every == 1
     assert args.resume is None
     resumed = loop.parse_args(
         ssl_demo.loop_command(method, 12, 4, out, budget, Path("/d"), True)[2:]
@@ -246,11 +247,12 @@ def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path
     for run in results["runs"]:
         summary = json.loads((Path(run["out"]) / "summary.json").read_text())
         assert run["final_miou"] == summary["final_miou"] and summary["iterations"] == 2
+        assert run["final_scores"] == summary["final_scores"]
+        assert set(run["final_scores"]) == {"foreground IoU", "foreground accuracy"}
     [pair] = [p for p in results["paired_vs_baseline"] if p["method"] == "unimatch_ddfp"]
     table = {row["method"]: row["mean_miou"] for row in results["table"]}
-    assert pair["mean_difference"] == pytest.approx(
-        table["unimatch_ddfp"] - table["unimatch_dropout"]
-    )
+    assert pair["baseline"] == "supervised"
+    assert pair["mean_difference"] == pytest.approx(table["unimatch_ddfp"] - table["supervised"])
     plot = Path(results["plot"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -401,3 +401,52 @@ def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
         "README says the default call is slower at 30 %"
     )
     assert results["results"]["settings"]["chunk_rows"] == 16384
+
+
+def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
+    """The README's main-job comparison quotes the 60-label, seed-0 runs of ssl_demo.json."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    runs = {
+        run["method"]: run
+        for run in results["results"]["runs"]
+        if run["num_labeled"] == 60 and run["seed"] == 0
+    }
+    main, supervised = runs["unimatch_ddfp"], runs["supervised"]
+    assert main["iterations"] == supervised["iterations"] == 300
+    assert main["seconds"] < 10.5 * 60, "the README says about 10 minutes of training"
+    setup = results["results"]["setup"]
+    assert (setup["epochs"], setup["iters_per_epoch"], setup["batch_size"]) == (5, 60, 8)
+    assert setup["eps"] is None, "the main job runs with the loop's own eps"
+    for phrase in (
+        f"ends at mIoU {100 * main['final_miou']:.2f} %",
+        f"ends at {100 * supervised['final_miou']:.2f} %",
+    ):
+        assert phrase in readme, phrase
+    table = {row["method"]: row for row in results["results"]["table"] if row["num_labeled"] == 60}
+    mean = [table[m] for m in ("unimatch_ddfp", "supervised")]
+    assert mean[0]["seeds"] == mean[1]["seeds"] == [0, 1, 2]
+    assert (
+        f"over seeds 0-2, {100 * mean[0]['mean_miou']:.2f} ± {100 * mean[0]['std_miou']:.2f} % "
+        f"against {100 * mean[1]['mean_miou']:.2f} ± {100 * mean[1]['std_miou']:.2f} %"
+    ) in readme
+    [pair] = [
+        p
+        for p in results["results"]["paired_vs_baseline"]
+        if p["method"] == "unimatch_ddfp" and p["num_labeled"] == 60
+    ]
+    assert pair["baseline"] == "supervised"
+    assert ("behind on every seed" in readme) == (pair["wins"] == 0)
+    helps = main["final_miou"] > supervised["final_miou"]
+    assert ("do not help on the demo yet" in readme) == (not helps)
+    accuracy = [100 * run["final_scores"]["foreground accuracy"] for run in (main, supervised)]
+    assert f"foreground accuracy {accuracy[0]:.2f} % and {accuracy[1]:.2f} %" in readme
+    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    for command, run in (("", main), (" --mode supervised", supervised)):
+        scores = run["final_scores"]
+        row = (
+            f"| `python examples/voc_unimatch_plus_ddfp.py{command}` | "
+            f"{100 * run['final_miou']:.2f} | {100 * scores['foreground IoU']:.2f} | "
+            f"{100 * scores['foreground accuracy']:.2f} |"
+        )
+        assert row in guide, row

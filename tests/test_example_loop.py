@@ -182,3 +182,54 @@ def test_warmup_epochs_train_the_labelled_loss_only_then_every_stream(tiny_voc_r
 def test_warmup_must_leave_a_semi_supervised_epoch(tiny_voc_root, tmp_path):
     with pytest.raises(SystemExit):
         load_script().main(tiny_args(tiny_voc_root, tmp_path, "--warmup-epochs", "1"))
+
+
+def test_resize_range_defaults_per_dataset_and_reaches_the_training_sets(tiny_voc_root, tmp_path):
+    from ddfp_examples.datasets import DATASETS
+
+    module = load_script()
+    demo = module.parse_args(["--dataset", "demo"])
+    assert demo.resize_range == DATASETS["demo"].resize_range
+    voc = module.parse_args(tiny_args(tiny_voc_root, tmp_path))
+    assert voc.resize_range == (0.5, 2.0)
+    args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, "--resize-range", "0.9", "1.1"))
+    assert args.resize_range == (0.9, 1.1)
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    loaders, _, _ = module.build_loaders(args, ctx)
+    for name in ("x", "u"):
+        assert loaders[name].dataset.dataset.ratio_range == (0.9, 1.1)
+
+
+@pytest.mark.parametrize("bad", [["0", "1"], ["1.5", "1.0"], ["-1", "2"]])
+def test_bad_resize_range_is_rejected(tiny_voc_root, tmp_path, bad):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(tiny_args(tiny_voc_root, tmp_path, "--resize-range", *bad))
+
+
+def test_feature_perturbation_default_is_ddfp_on_the_demo_and_both_elsewhere(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    assert module.parse_args(["--dataset", "demo"]).fp == "ddfp"
+    assert module.parse_args(tiny_args(tiny_voc_root, tmp_path)).fp == "both"
+    assert module.parse_args(["--dataset", "demo", "--fp", "both"]).fp == "both"
+    assert module.parse_args(["--dataset", "demo", "--mode", "supervised"]).fp == "none"
+
+
+def test_eps_default_is_one_on_the_demo_and_four_elsewhere(tiny_voc_root, tmp_path):
+    module = load_script()
+    assert module.parse_args(["--dataset", "demo"]).eps == 1.0
+    assert module.parse_args(tiny_args(tiny_voc_root, tmp_path)).eps == 4.0
+    assert module.parse_args(["--dataset", "demo", "--eps", "2.5"]).eps == 2.5
+
+
+def test_evaluating_more_often_does_not_change_the_training(tiny_voc_root, tmp_path):
+    module = load_script()
+    common = ["--fp", "both", "--epochs", "2", "--seed", "5"]
+    module.main(tiny_args(tiny_voc_root, tmp_path / "every", *common, "--eval-every", "1"))
+    module.main(tiny_args(tiny_voc_root, tmp_path / "last", *common, "--eval-every", "2"))
+    every = torch.load(tmp_path / "every" / "latest.pt", weights_only=False)
+    last = torch.load(tmp_path / "last" / "latest.pt", weights_only=False)
+    assert len(every["progress"]["history"]) == 2 and len(last["progress"]["history"]) == 1
+    for key, value in every["model"].items():
+        assert torch.equal(value, last["model"][key]), key

@@ -107,6 +107,7 @@ class DatasetSpec(NamedTuple):
         hflip: whether horizontal flipping preserves the labels.
         crop_size: default training crop side.
         eval_mode: ``"full"`` (whole image at once) or ``"sliding"`` (crop-sized windows).
+        resize_range: default ``(low, high)`` ratio of the weak view's random resize.
     """
 
     num_classes: int
@@ -114,13 +115,15 @@ class DatasetSpec(NamedTuple):
     hflip: bool
     crop_size: int
     eval_mode: str
+    resize_range: tuple[float, float] = (0.5, 2.0)
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "voc": DatasetSpec(21, VOC_CLASSES, True, 321, "full"),
     "cityscapes": DatasetSpec(19, CITYSCAPES_CLASSES, True, 801, "sliding"),
-    # Mirrored digits are not digits, so the demo must not flip.
-    "demo": DatasetSpec(11, DEMO_CLASSES, False, 64, "full"),
+    # Mirrored digits are not digits, so the demo must not flip. Its images are barely larger
+    # than the crop, so a resize by up to 2x would show fragments of digits: 0.8-1.25 instead.
+    "demo": DatasetSpec(11, DEMO_CLASSES, False, 64, "full", (0.8, 1.25)),
 }
 
 MODES: tuple[str, ...] = ("train_l", "train_u", "val")
