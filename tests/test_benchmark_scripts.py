@@ -260,3 +260,24 @@ def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path
     again = json.loads((tmp_path / "ssl_demo_quick.json").read_text())["results"]
     assert all(run["reused"] for run in again["runs"])
     assert again["table"] == results["table"]
+
+
+def test_default_study_runs_at_60_labels_are_the_loops_own_demo_command(loop):
+    """The README quotes the study's 60-label runs as the main job and its supervised baseline."""
+    out, root = Path("/tmp/run"), Path("/data")
+    for method, own in (("unimatch_ddfp", []), ("supervised", ["--mode", "supervised"])):
+        study = loop.parse_args(
+            ssl_demo.loop_command(method, 60, 0, out, ssl_demo.StudyBudget(), root)[2:]
+        )
+        plain = loop.parse_args([*own, "--data-root", str(root), "--out", str(out)])
+
+        def same(a, b):
+            return tuple(a) == tuple(b) if isinstance(a, (list, tuple)) else a == b
+
+        differing = {
+            key: (value, getattr(plain, key))
+            for key, value in vars(study).items()
+            if not same(value, getattr(plain, key))
+        }
+        assert set(differing) <= {"device", "no_progress"}, differing
+        assert plain.device == "auto" and study.device == "cpu"
