@@ -11,9 +11,10 @@ share their labelled images and differences between methods can be read seed by 
 The score is the mIoU of the last epoch on the demo's val split: no checkpoint is picked on it.
 With the default budget every run is the loop's own demo command (evaluation after every epoch
 draws nothing from the training RNG), so the runs with 60 labelled images are the README's main
-job (``unimatch_ddfp``) and its supervised baseline. ``--split tuning`` runs the same grid with a private copy of the demo
-whose val split is a held-out part of the *training* images (``--heldout`` of them, never used for
-training there), the split on which to choose ``--eps`` before a reported run.
+job (``unimatch_ddfp``) and its supervised baseline. ``--split tuning`` runs the same grid with a
+private copy of the demo whose val split is a held-out part of the *training* images
+(``--heldout`` of them, never used for training there), the split on which to choose ``--eps``
+before a reported run.
 
 Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that was interrupted
 after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the

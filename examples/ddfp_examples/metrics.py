@@ -56,9 +56,7 @@ class IoUMeter:
         return torch.where(union > 0, self.intersection / union.clamp_min(1), float("nan"))
 
     def miou(self) -> float:
-        iou = self.per_class_iou()
-        present = ~torch.isnan(iou)
-        return float(iou[present].mean()) if present.any() else float("nan")
+        return _mean_of_present(self.per_class_iou().tolist())
 
     def foreground_iou(self, background: int = 0) -> float:
         """IoU of "any class but ``background``" as one class: are the objects found at all?"""
@@ -75,6 +73,12 @@ class IoUMeter:
         pixels = self.confusion[foreground].sum()
         correct = self.confusion.diag()[foreground].sum()
         return float(correct / pixels) if pixels > 0 else float("nan")
+
+
+def _mean_of_present(iou: Sequence[float]) -> float:
+    """Mean over the classes whose IoU is not NaN (absent classes); NaN if none is present."""
+    present = [value for value in iou if not math.isnan(value)]
+    return sum(present) / len(present) if present else float("nan")
 
 
 def sliding_window_logits(
@@ -147,8 +151,7 @@ def format_iou_table(
         iou = [float("nan") if v is None else float(v) for v in values]
     if len(iou) != len(class_names):
         raise ValueError(f"{len(iou)} IoU values for {len(class_names)} class names")
-    present = [v for v in iou if not math.isnan(v)]
-    miou = sum(present) / len(present) if present else float("nan")
+    miou = _mean_of_present(iou)
     width = max(10, max(len(n) for n in class_names) + 2, *(len(k) + 2 for k in extra or {}))
     lines = [title] if title else []
     lines.append(f"{'class':<{width}}{'IoU (%)':>9}")
