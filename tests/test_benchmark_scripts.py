@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py and benchmarks/ssl_demo.py: their numbers come from what they claim.
+"""benchmarks/train_step.py, ssl_demo.py and digit_identity.py: their numbers come from what they claim.
 
 Nothing here asserts a speed; the measured numbers live in ``benchmarks/results``. The slow tests
 run each script's ``--quick`` mode and check the JSON fields the README quotes.
@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import ssl_demo, train_step  # noqa: E402
+from benchmarks import digit_identity, ssl_demo, train_step  # noqa: E402
 
 
 def _run(method: str, size: int, seed: int, miou: float) -> dict:
@@ -281,3 +281,68 @@ def test_default_study_runs_at_60_labels_are_the_loops_own_demo_command(loop):
         }
         assert set(differing) <= {"device", "no_progress"}, differing
         assert plain.device == "auto" and study.device == "cpu"
+
+
+# ----------------------------------------------------------------------------- digit_identity
+def _scene_folder(tmp_path: Path) -> Path:
+    """One 40x30 scene: digit 3 as a red 10x20 block, digit 7 as a 2-pixel speck, grey elsewhere."""
+    from PIL import Image
+
+    root = tmp_path / "scenes"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    image = np.full((30, 40, 3), 128, np.uint8)
+    mask = np.zeros((30, 40), np.uint8)
+    image[5:25, 8:18] = (255, 0, 0)
+    mask[5:25, 8:18] = 1 + 3
+    mask[0, 0:2] = 1 + 7
+    Image.fromarray(image).save(root / "JPEGImages" / "a.png")
+    Image.fromarray(mask).save(root / "SegmentationClass" / "a.png")
+    return root
+
+
+def test_digit_crops_cut_each_digit_box_and_label_it_with_its_digit(tmp_path):
+    root = _scene_folder(tmp_path)
+    images, digits = digit_identity.digit_crops(
+        root, ["JPEGImages/a.png SegmentationClass/a.png"], size=16, min_pixels=3
+    )
+    assert digits.tolist() == [3], "the 2-pixel digit 7 is below min_pixels"
+    assert images.shape == (1, 3, 16, 16)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1)
+    red = (torch.tensor([1.0, 0.0, 0.0]).view(3, 1) - mean) / std
+    torch.testing.assert_close(images[0].flatten(1), red.expand(3, 256), atol=1e-2, rtol=0)
+    _, both = digit_identity.digit_crops(
+        root, ["JPEGImages/a.png SegmentationClass/a.png"], min_pixels=1
+    )
+    assert sorted(both.tolist()) == [3, 7]
+    with pytest.raises(ValueError, match="no digit"):
+        digit_identity.digit_crops(
+            root, ["JPEGImages/a.png SegmentationClass/a.png"], min_pixels=1000
+        )
+
+
+@pytest.mark.slow
+def test_digit_identity_quick_reports_the_loops_own_scores_and_the_classifiers(tmp_path):
+    command = [
+        sys.executable, "-m", "benchmarks.digit_identity", "--quick", "--threads", "1",
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
+    results = json.loads((tmp_path / "digit_identity_quick.json").read_text())["results"]
+    [run] = results["runs"]
+    summary = json.loads(
+        (tmp_path / "runs" / "supervised" / "n8" / "seed0" / "summary.json").read_text()
+    )
+    assert run["segmenter_foreground_accuracy"] == summary["final_scores"]["foreground accuracy"]
+    assert run["segmenter_miou"] == summary["final_miou"]
+    assert results["setup"]["iterations"] == summary["iterations"] == 2
+    assert 0.0 <= run["classifier_accuracy"] <= 1.0
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    from ddfp_examples.datasets import draw_labeled_split, read_split_file
+
+    root = Path(results["setup"]["data_root"])
+    labelled, _ = draw_labeled_split(read_split_file(root / "splits" / "train.txt"), 8, 0)
+    assert run["classifier_train_digits"] == len(digit_identity.digit_crops(root, labelled)[1])
+    [row] = results["table"]
+    assert row["mean_classifier_accuracy"] == run["classifier_accuracy"]

@@ -160,6 +160,20 @@ def test_peak_memory_sees_torch_cpu_allocations():
     assert result["peak_mib"] >= 0.9 * size_mib
 
 
+def test_default_command_is_the_one_to_type_from_the_repository_root(monkeypatch):
+    import types
+
+    script = types.ModuleType("__main__")
+    script.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setattr(sys, "argv", [str(common.REPO_ROOT / "benchmarks" / "x.py"), "--a", "1"])
+    assert common.command_line() == ["python", "benchmarks/x.py", "--a", "1"]
+    module = types.ModuleType("__main__")
+    module.__spec__ = types.SimpleNamespace(name="benchmarks.x")
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    assert common.command_line() == ["python", "-m", "benchmarks.x", "--a", "1"]
+
+
 def test_write_results_records_machine_torch_command_and_date(tmp_path: Path):
     numbers = {"median_s": 1.5, "rows": [1, 2]}
     path = common.write_results(

@@ -450,3 +450,29 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
             f"{100 * scores['foreground accuracy']:.2f} |"
         )
         assert row in guide, row
+
+
+def test_readme_digit_identity_numbers_are_the_recorded_study() -> None:
+    """The README's explanation of the demo's low mIoU quotes benchmarks/results/digit_identity.json."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = json.loads((ROOT / "benchmarks" / "results" / "digit_identity.json").read_text())
+    table = {row["num_labeled"]: row for row in results["results"]["table"]}
+    setup = results["results"]["setup"]
+    assert setup["iterations"] == 300 and setup["batch_size"] == 8 and setup["backbone_weights"]
+    assert all(len(row["classifier_accuracy"]) == 3 for row in table.values()), "seeds 0-2"
+    for phrase in (
+        f"names {100 * table[60]['mean_classifier_accuracy']:.1f} % of the val digits",
+        f"({100 * table[2400]['mean_classifier_accuracy']:.1f} % from 2400 labelled scenes",
+        f"still gives {100 * table[2400]['mean_segmenter_foreground_accuracy']:.1f} % of digit "
+        "pixels their digit",
+    ):
+        assert phrase in readme, phrase
+    ssl = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    supervised = [
+        run["final_scores"]["foreground accuracy"]
+        for run in ssl["results"]["runs"]
+        if run["method"] == "supervised" and run["num_labeled"] == 60
+    ]
+    assert sorted(table[60]["segmenter_foreground_accuracy"]) == sorted(supervised), (
+        "the 60-label segmenter runs are the ssl_demo study's supervised runs"
+    )

@@ -200,6 +200,26 @@ def test_resize_range_defaults_per_dataset_and_reaches_the_training_sets(tiny_vo
         assert loaders[name].dataset.dataset.ratio_range == (0.9, 1.1)
 
 
+def test_aspp_dilations_flag_reaches_the_model_and_defaults_to_the_model_rule(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+
+    def branch_dilations(*extra):
+        args = module.parse_args(
+            tiny_args(tiny_voc_root, tmp_path, "--backbone", "mobilenet_v2", *extra)
+        )
+        model = module.build_model(args, 21, ctx)
+        return [b[0].dilation[0] for b in model.aspp.branches if b[0].kernel_size == (3, 3)]
+
+    # MobileNetV2 runs at output stride 8, so the rule doubles 6/12/18.
+    assert branch_dilations() == [12, 24, 36]
+    assert branch_dilations("--aspp-dilations", "1", "2", "3") == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        module.parse_args(tiny_args(tiny_voc_root, tmp_path, "--aspp-dilations", "0", "2", "3"))
+
+
 @pytest.mark.parametrize("bad", [["0", "1"], ["1.5", "1.0"], ["-1", "2"]])
 def test_bad_resize_range_is_rejected(tiny_voc_root, tmp_path, bad):
     with pytest.raises(SystemExit):
