@@ -205,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--iters-per-epoch",
         type=int,
         default=None,
-        help="cap on iterations per epoch (default: one pass over the unlabelled set)",
+        help="cap on iterations per epoch (default: one pass over the unlabelled set, or over "
+        "the labelled set in supervised mode when it is the larger)",
     )
     optim.add_argument(
         "--batch-size",
@@ -339,7 +340,11 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
         hflip=spec.hflip,
         ratio_range=args.resize_range,
     )
-    train_u = SemiSegDataset(root, unlabeled, "train_u", **common)
+    if not unlabeled and args.mode == "semi":
+        raise ValueError(
+            "every training image is labelled, so there is nothing for the unlabelled streams: "
+            "label fewer (--num-labeled) or train the fully supervised model (--mode supervised)"
+        )
     # UniMatch repeats the labelled list so that one pass over it lasts as long as the unlabelled one.
     train_l = SemiSegDataset(root, labeled, "train_l", min_length=len(unlabeled), **common)
     val = SemiSegDataset(root, val_lines, "val", crop_size=None, num_classes=spec.num_classes)
@@ -367,7 +372,10 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
         # Its own generator: evaluating must not draw from the RNG stream that training uses.
         generator=torch.Generator().manual_seed(args.seed + 99),
     )
-    loaders = {"x": loader(train_l, 0), "u": loader(train_u, 1), "u_mix": loader(train_u, 2)}
+    loaders = {"x": loader(train_l, 0)}
+    if unlabeled:
+        train_u = SemiSegDataset(root, unlabeled, "train_u", **common)
+        loaders.update(u=loader(train_u, 1), u_mix=loader(train_u, 2))
     sizes = {"labeled": len(labeled), "unlabeled": len(unlabeled), "val": len(val_lines)}
     return loaders, val_loader, sizes
 
@@ -653,11 +661,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=2))
 
     loaders, val_loader, sizes = build_loaders(args, ctx)
-    iters_per_epoch = len(loaders["u"])
+    # An epoch is one pass over the unlabelled set (UniMatch); the labelled stream is repeated to
+    # that length, so a supervised run takes as many steps, or one pass over its labelled images
+    # when they outnumber the unlabelled ones.
+    iters_per_epoch = len(loaders["x"] if args.mode == "supervised" else loaders["u"])
     if args.iters_per_epoch:
         iters_per_epoch = min(iters_per_epoch, args.iters_per_epoch)
     if iters_per_epoch < 1:
-        raise ValueError("fewer unlabelled images than one batch: lower --batch-size")
+        raise ValueError("fewer training images than one batch: lower --batch-size")
     total_iters = iters_per_epoch * args.epochs
 
     model = build_model(args, spec.num_classes, ctx)

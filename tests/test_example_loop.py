@@ -200,6 +200,34 @@ def test_resize_range_defaults_per_dataset_and_reaches_the_training_sets(tiny_vo
         assert loaders[name].dataset.dataset.ratio_range == (0.9, 1.1)
 
 
+def _without_iteration_cap(args):
+    index = args.index("--iters-per-epoch")
+    return args[:index] + args[index + 2 :]
+
+
+def test_supervised_epoch_matches_the_semi_epoch_or_passes_over_a_larger_labelled_set(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    # 3 labelled, 6 unlabelled, batch 2: both modes take one pass over the unlabelled set.
+    for mode in ("semi", "supervised"):
+        args = _without_iteration_cap(tiny_args(tiny_voc_root, tmp_path / mode, "--mode", mode))
+        assert module.main(args)["iterations"] == 3
+    # Every training image labelled (6 of them, none unlabelled): a supervised pass over them.
+    lines = (tiny_voc_root / "train_l.txt").read_text() + (tiny_voc_root / "val.txt").read_text()
+    (tmp_path / "all.txt").write_text(lines)
+    (tmp_path / "none.txt").write_text("")
+    args = _without_iteration_cap(
+        tiny_args(tiny_voc_root, tmp_path / "full", "--mode", "supervised")
+    )
+    args[args.index("--labeled-list") + 1] = str(tmp_path / "all.txt")
+    args[args.index("--unlabeled-list") + 1] = str(tmp_path / "none.txt")
+    assert module.main(args)["iterations"] == 3
+    args[args.index("--mode") + 1] = "semi"
+    with pytest.raises(ValueError, match="every training image is labelled"):
+        module.main(args)
+
+
 def test_aspp_dilations_flag_reaches_the_model_and_defaults_to_the_model_rule(
     tiny_voc_root, tmp_path
 ):
