@@ -722,6 +722,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stopped = False
     ran = 0
     start_time = time.time()
+    # Training + evaluation time of the whole run: a resumed run adds what the checkpoint holds.
+    prior_seconds = float(progress.get("seconds", 0.0))
+
+    def elapsed() -> float:
+        return prior_seconds + time.time() - start_time
+
     with StopRequest() as stop:
         while progress["epoch"] < args.epochs and not stopped:
             epoch, start = progress["epoch"], progress["step_in_epoch"]
@@ -753,9 +759,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             last = progress["epoch"] == args.epochs
             if last or progress["epoch"] % args.eval_every == 0:
                 meter = run_evaluation(net, val_loader, spec, args, ctx)
+                progress["seconds"] = elapsed()
                 record_evaluation(meter, progress, model, state, args, ctx, out_dir)
+            progress["seconds"] = elapsed()
             save(out_dir / "latest.pt", model, state, progress, args, ctx)
         if stopped:
+            progress["seconds"] = elapsed()
             save(out_dir / "latest.pt", model, state, progress, args, ctx)
             if ctx.is_main:
                 print(
@@ -772,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_miou": progress["best_miou"],
         "final_miou": progress["history"][-1]["miou"] if progress["history"] else None,
         "final_scores": progress["history"][-1].get("extra", {}) if progress["history"] else {},
-        "seconds": time.time() - start_time,
+        "seconds": elapsed(),
         "stopped_early": stopped,
     }
     if ctx.is_main:

@@ -112,6 +112,22 @@ def test_resume_after_interruption_gives_the_same_weights_as_an_uninterrupted_ru
             )
 
 
+def test_resumed_run_reports_the_time_of_both_parts(tiny_voc_root, tmp_path):
+    import time
+
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path, "--mode", "supervised")
+    first = module.main([*args, "--stop-after", "1"])
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert 0 < checkpoint["progress"]["seconds"] <= first["seconds"] + 1e-6
+    checkpoint["progress"]["seconds"] = 1000.0
+    torch.save(checkpoint, tmp_path / "latest.pt")
+    tic = time.time()
+    resumed = module.main([*args, "--resume"])
+    assert 1000.0 < resumed["seconds"] < 1000.0 + (time.time() - tic)
+    assert torch.load(tmp_path / "latest.pt", weights_only=False)["progress"]["seconds"] > 1000.0
+
+
 def test_two_process_gloo_run_trains_and_keeps_one_flow(tiny_voc_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
