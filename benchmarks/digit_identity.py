@@ -29,6 +29,7 @@ features, which needs more iterations than a short CPU run gives. Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from benchmarks.common import write_results  # noqa: E402
-from benchmarks.ssl_demo import DEFAULT_RUNS_DIR, StudyBudget, run_one  # noqa: E402
+from benchmarks.ssl_demo import DEFAULT_RUNS_DIR, QUICK_BUDGET, StudyBudget, run_one  # noqa: E402
 
 __all__ = ["digit_crops", "main", "parse_args", "train_crop_classifier"]
 
@@ -189,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
-        budget = StudyBudget(epochs=1, iters_per_epoch=2, batch_size=2, workers=0,
-                             threads=args.threads, eval_every=1, demo_size=(24, 6))  # fmt: skip
+        budget = dataclasses.replace(QUICK_BUDGET, threads=args.threads)
         data_root = args.data_root or args.runs_dir / "demo_data"
     else:
         budget = StudyBudget(threads=args.threads)

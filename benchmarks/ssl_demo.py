@@ -48,6 +48,7 @@ from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
 __all__ = [
     "METHODS",
     "METHOD_LABELS",
+    "QUICK_BUDGET",
     "StudyBudget",
     "aggregate",
     "carve_tuning_split",
@@ -108,6 +109,12 @@ class StudyBudget:
     eval_every: int = 1
     demo_size: tuple[int, int] = (3000, 300)
     device: str = "cpu"
+
+
+#: The budget of ``--quick`` runs: seconds per run on a tiny generated demo; checks, not measures.
+QUICK_BUDGET = StudyBudget(
+    epochs=1, iters_per_epoch=2, batch_size=2, workers=0, threads=1, demo_size=(24, 6)
+)
 
 
 def run_dir(runs_dir: Path, method: str, num_labeled: int, seed: int) -> Path:
@@ -473,8 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suffix = "" if args.split == "reported" else "_tuning"
     if args.quick:
         args.seeds, args.num_labeled = args.seeds[:1], [4]
-        args.epochs, args.iters_per_epoch, args.batch_size, args.workers = 1, 2, 2, 0
-        args.demo_size, args.heldout = (24, 6), 6
+        args.epochs, args.iters_per_epoch = QUICK_BUDGET.epochs, QUICK_BUDGET.iters_per_epoch
+        args.batch_size, args.workers = QUICK_BUDGET.batch_size, QUICK_BUDGET.workers
+        args.demo_size, args.heldout = QUICK_BUDGET.demo_size, 6
         suffix += "_quick"
     args.runs_dir = args.runs_dir or DEFAULT_RUNS_DIR
     args.runs_dir = Path(args.runs_dir) / (args.split + ("_quick" if args.quick else ""))
