@@ -397,18 +397,31 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
 def _digit_identity(stem: str, payload: dict[str, Any]) -> str:
     results = payload["results"]
     setup = results["setup"]
+    seen = all("segmenter_seen_foreground_accuracy" in row for row in results["table"])
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        return (
+            f"{100 * row[f'mean_{key}']:.1f} ("
+            + ", ".join(f"{100 * v:.1f}" for v in row[key])
+            + ")"
+        )
+
+    keys = ["segmenter_foreground_accuracy"]
+    header = ["labelled scenes", "segmenter: foreground accuracy %"]
+    if seen:
+        keys.append("segmenter_seen_foreground_accuracy")
+        header.append("segmenter on its own labelled scenes %")
+    keys.append("classifier_accuracy")
+    header.append("classifier: accuracy %")
     rows = [
-        [
-            str(row["num_labeled"]),
-            f"{100 * row['mean_segmenter_foreground_accuracy']:.1f} ("
-            + ", ".join(f"{100 * v:.1f}" for v in row["segmenter_foreground_accuracy"])
-            + ")",
-            f"{100 * row['mean_classifier_accuracy']:.1f} ("
-            + ", ".join(f"{100 * v:.1f}" for v in row["classifier_accuracy"])
-            + ")",
-        ]
-        for row in results["table"]
+        [str(row["num_labeled"])] + [cell(row, key) for key in keys] for row in results["table"]
     ]
+    seen_text = (
+        " The same final segmenter is also scored on scenes it was trained on (its labelled "
+        f"scenes, the first {setup['seen_scenes']} when there are more), whole and unaugmented."
+        if seen
+        else ""
+    )
     return (
         "Can the demo's model name the digits at the main job's budget "
         f"({setup['iterations']} iterations of {setup['batch_size']} images)? The segmenter is "
@@ -417,11 +430,8 @@ def _digit_identity(stem: str, payload: dict[str, Any]) -> str:
         "ImageNet MobileNetV2 trained as an image classifier on the digits cut out of the same "
         f"labelled scenes (lr {setup['classifier_lr']:g}, as many steps), scored on the "
         f"{setup['val_digits']} digits cut out of the val scenes. Chance is "
-        f"{100 * setup['chance']:.0f} % for both. Mean over seeds (each seed in brackets).\n\n"
-        + _table(
-            ["labelled scenes", "segmenter: foreground accuracy %", "classifier: accuracy %"],
-            rows,
-        )
+        f"{100 * setup['chance']:.0f} % for both.{seen_text} Mean over seeds (each seed in "
+        "brackets).\n\n" + _table(header, rows)
     )
 
 

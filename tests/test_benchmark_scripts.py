@@ -346,3 +346,32 @@ def test_digit_identity_quick_reports_the_loops_own_scores_and_the_classifiers(t
     assert run["classifier_train_digits"] == len(digit_identity.digit_crops(root, labelled)[1])
     [row] = results["table"]
     assert row["mean_classifier_accuracy"] == run["classifier_accuracy"]
+    assert run["segmenter_seen_scenes"] == 8
+    assert row["mean_segmenter_seen_foreground_accuracy"] == pytest.approx(
+        _seen_foreground_accuracy(tmp_path / "runs" / "supervised" / "n8" / "seed0", root, labelled)
+    ), "scored on the run's own labelled scenes with its final weights"
+
+
+def _seen_foreground_accuracy(run: Path, root: Path, lines: list[str]) -> float:
+    """Second implementation: the final model on each scene, correct digit pixels counted by hand."""
+    from ddfp_examples.models import build_deeplabv3plus
+    from PIL import Image
+
+    checkpoint = torch.load(run / "latest.pt", map_location="cpu", weights_only=False)
+    model = build_deeplabv3plus("mobilenet_v2", 11)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    correct = total = 0
+    for line in lines:
+        image_path, mask_path = line.split()
+        rgb = np.asarray(Image.open(root / image_path).convert("RGB"), dtype=np.float32) / 255.0
+        image = (torch.from_numpy(rgb).permute(2, 0, 1) - mean) / std
+        mask = torch.from_numpy(np.asarray(Image.open(root / mask_path)).astype(np.int64))
+        with torch.no_grad():
+            prediction = model(image[None]).argmax(1)[0]
+        digits = (mask > 0) & (mask != 255)
+        correct += int((prediction[digits] == mask[digits]).sum())
+        total += int(digits.sum())
+    return correct / total

@@ -437,6 +437,18 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
     ]
     assert pair["baseline"] == "supervised"
     assert ("behind on every seed" in readme) == (pair["wins"] == 0)
+    for method, name in (
+        ("unimatch_dropout", "dropout FP"),
+        ("unimatch_ddfp", "DDFP"),
+        ("unimatch_random_direction", "random directions"),
+        ("unimatch_both", "dropout FP + DDFP"),
+    ):
+        row = table[method]
+        assert row["seeds"] == [0, 1, 2], method
+        quoted = f"{name} {100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f} %"
+        assert quoted in readme, quoted
+    if any(row["mean_miou"] > table["supervised"]["mean_miou"] for row in table.values()):
+        assert "do not help on the demo yet, with any feature perturbation" not in readme
     helps = main["final_miou"] > supervised["final_miou"]
     assert ("do not help on the demo yet" in readme) == (not helps)
     accuracy = [100 * run["final_scores"]["foreground accuracy"] for run in (main, supervised)]
@@ -465,6 +477,8 @@ def test_readme_digit_identity_numbers_are_the_recorded_study() -> None:
         f"({100 * table[2400]['mean_classifier_accuracy']:.1f} % from 2400 labelled scenes",
         f"still gives {100 * table[2400]['mean_segmenter_foreground_accuracy']:.1f} % of digit "
         "pixels their digit",
+        f"names {100 * table[60]['mean_segmenter_seen_foreground_accuracy']:.1f} % of the digit "
+        "pixels of the 60 scenes it trained on",
     ):
         assert phrase in readme, phrase
     ssl = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
