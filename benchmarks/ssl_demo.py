@@ -10,18 +10,19 @@ share their labelled images and differences between methods can be read seed by 
 
 The score is the mIoU of the last epoch on the demo's val split: no checkpoint is picked on it.
 With the default budget every run is the loop's own demo command (evaluation after every epoch
-draws nothing from the training RNG), so the runs with 60 labelled images are the README's main
-job (``unimatch_ddfp``) and its supervised baseline. ``--split tuning`` runs the same grid with a
-private copy of the demo whose val split is a held-out part of the *training* images
-(``--heldout`` of them, never used for training there), the split on which to choose ``--eps``
-before a reported run.
+draws nothing from the training RNG), so the runs with the demo's default labelled-set size
+(``DEMO_NUM_LABELED``, 240) are the README's main job (``unimatch_ddfp``) and its supervised
+baseline. ``--split tuning`` runs the same grid with a private copy of the demo whose val split
+is a held-out part of the *training* images (``--heldout`` of them, never used for training
+there), the split on which to choose ``--eps`` and the demo's labelled-set size before a reported
+run.
 
 Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that was interrupted
 after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the
 plot ``docs/assets/ssl_demo.png``.
 
     python -m benchmarks.ssl_demo                         # the study: 5 methods x 2 sizes x 3 seeds
-    python -m benchmarks.ssl_demo --methods supervised unimatch_ddfp --num-labeled 60 --seeds 0
+    python -m benchmarks.ssl_demo --methods supervised unimatch_ddfp --num-labeled 240 --seeds 0
                                                           # the README's main job and its baseline
     python -m benchmarks.ssl_demo --split tuning --eps 2  # the same on the tuning split
     python -m benchmarks.ssl_demo --quick                 # tiny generated data, seconds per run

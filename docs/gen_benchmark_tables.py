@@ -365,7 +365,8 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     split = (
         "the demo's validation split"
         if setup["split"] == "reported"
-        else "a held-out part of the training images (the split for choosing eps)"
+        else "a held-out part of the training images (the split for choosing eps and the "
+        "labelled-set size)"
     )
     text = (
         "The example loop on the built-in digit scenes (MobileNetV2 DeepLabV3+ with ImageNet "
@@ -498,6 +499,10 @@ def _cell(value: Any) -> str:
 
 RENDERERS: dict[str, tuple[str, Callable[[str, dict[str, Any]], str]]] = {
     "ssl_demo": ("Does DDFP help? The example loop on the demo data", _ssl_demo),
+    "ssl_demo_tuning": (
+        "Choosing the demo's settings: the same loop on held-out images",
+        _ssl_demo,
+    ),
     "digit_identity": ("Why the demo's mIoU stays low: naming the digits", _digit_identity),
     "train_step": ("Cost of one training iteration", _train_step),
     "perturbation_family": ("Cost of each feature perturbation", _perturbation_family),

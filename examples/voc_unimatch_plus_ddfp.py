@@ -45,6 +45,7 @@ from ddfp_examples.datasets import (  # noqa: E402
     scan_cityscapes_layout,
     scan_voc_layout,
 )
+from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
 from ddfp_examples.metrics import IoUMeter, evaluate, format_iou_table  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
 from ddfp_examples.runtime import (  # noqa: E402
@@ -106,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-labeled",
         type=int,
         default=None,
-        help="without split files: draw this many labelled images (seeded by --seed)",
+        help="without split files: draw this many labelled images (seeded by --seed; "
+        f"demo default {DEMO_NUM_LABELED})",
     )
     data.add_argument(
         "--crop-size", type=int, default=None, help="training crop (default per dataset)"
@@ -284,7 +286,7 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             f"--warmup-epochs must be in [0, epochs), got {args.warmup_epochs} for {args.epochs} epochs"
         )
     if args.labeled_list is None and args.num_labeled is None:
-        args.num_labeled = 60 if demo else None
+        args.num_labeled = DEMO_NUM_LABELED if demo else None
         if not demo and args.dataset != "cityscapes":
             parser.error("give --labeled-list/--unlabeled-list, or --num-labeled N to draw a split")
     return args

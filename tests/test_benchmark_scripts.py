@@ -262,13 +262,18 @@ def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path
     assert again["table"] == results["table"]
 
 
-def test_default_study_runs_at_60_labels_are_the_loops_own_demo_command(loop):
-    """The README quotes the study's 60-label runs as the main job and its supervised baseline."""
+def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop):
+    """The README quotes the study's runs at the demo's labelled-set size as the main job and its
+    supervised baseline."""
+    from ddfp_examples.demo_data import DEMO_NUM_LABELED
+
+    assert DEMO_NUM_LABELED in ssl_demo.parse_args([]).num_labeled
     out, root = Path("/tmp/run"), Path("/data")
     for method, own in (("unimatch_ddfp", []), ("supervised", ["--mode", "supervised"])):
-        study = loop.parse_args(
-            ssl_demo.loop_command(method, 60, 0, out, ssl_demo.StudyBudget(), root)[2:]
+        command = ssl_demo.loop_command(
+            method, DEMO_NUM_LABELED, 0, out, ssl_demo.StudyBudget(), root
         )
+        study = loop.parse_args(command[2:])
         plain = loop.parse_args([*own, "--data-root", str(root), "--out", str(out)])
 
         def same(a, b):

@@ -403,14 +403,35 @@ def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
     assert results["results"]["settings"]["chunk_rows"] == 16384
 
 
+STUDY_NAMES = (
+    ("supervised", "supervised only"),
+    ("unimatch_dropout", "dropout FP"),
+    ("unimatch_ddfp", "DDFP"),
+    ("unimatch_random_direction", "random directions"),
+    ("unimatch_both", "dropout FP + DDFP"),
+)
+
+
+def _mean_std(row: dict) -> str:
+    return f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f} %"
+
+
+def _study_segment(readme: str, size: int) -> str:
+    """The README's sentence on the study at ``size`` labelled images, up to its source."""
+    start = readme.index(f"With {size} labelled images")
+    return readme[start : readme.index("(`benchmarks/ssl_demo.py`", start)]
+
+
 def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
-    """The README's main-job comparison quotes the 60-label, seed-0 runs of ssl_demo.json."""
+    """The README's main-job comparison quotes the seed-0 runs of ssl_demo.json at the demo's size."""
+    from ddfp_examples.demo_data import DEMO_NUM_LABELED
+
     readme = " ".join((ROOT / "README.md").read_text().split())
     results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
     runs = {
         run["method"]: run
         for run in results["results"]["runs"]
-        if run["num_labeled"] == 60 and run["seed"] == 0
+        if run["num_labeled"] == DEMO_NUM_LABELED and run["seed"] == 0
     }
     main, supervised = runs["unimatch_ddfp"], runs["supervised"]
     assert main["iterations"] == supervised["iterations"] == 300
@@ -419,41 +440,36 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
     assert (setup["epochs"], setup["iters_per_epoch"], setup["batch_size"]) == (5, 60, 8)
     assert setup["eps"] is None, "the main job runs with the loop's own eps"
     for phrase in (
+        f"seed 0, {DEMO_NUM_LABELED} labelled images, 300 iterations",
         f"ends at mIoU {100 * main['final_miou']:.2f} %",
         f"ends at {100 * supervised['final_miou']:.2f} %",
     ):
         assert phrase in readme, phrase
-    table = {row["method"]: row for row in results["results"]["table"] if row["num_labeled"] == 60}
-    mean = [table[m] for m in ("unimatch_ddfp", "supervised")]
-    assert mean[0]["seeds"] == mean[1]["seeds"] == [0, 1, 2]
-    assert (
-        f"over seeds 0-2, {100 * mean[0]['mean_miou']:.2f} ± {100 * mean[0]['std_miou']:.2f} % "
-        f"against {100 * mean[1]['mean_miou']:.2f} ± {100 * mean[1]['std_miou']:.2f} %"
-    ) in readme
+    table = {
+        row["method"]: row
+        for row in results["results"]["table"]
+        if row["num_labeled"] == DEMO_NUM_LABELED
+    }
+    assert table["unimatch_ddfp"]["seeds"] == table["supervised"]["seeds"] == [0, 1, 2]
+    quoted = (
+        f"over seeds 0-2, {_mean_std(table['unimatch_ddfp'])} "
+        f"against {_mean_std(table['supervised'])}"
+    )
+    assert quoted in readme, quoted
     [pair] = [
         p
         for p in results["results"]["paired_vs_baseline"]
-        if p["method"] == "unimatch_ddfp" and p["num_labeled"] == 60
+        if p["method"] == "unimatch_ddfp" and p["num_labeled"] == DEMO_NUM_LABELED
     ]
     assert pair["baseline"] == "supervised"
+    assert ("ahead on every seed" in readme) == (pair["wins"] == len(pair["seeds"]))
     assert ("behind on every seed" in readme) == (pair["wins"] == 0)
-    for method, name in (
-        ("unimatch_dropout", "dropout FP"),
-        ("unimatch_ddfp", "DDFP"),
-        ("unimatch_random_direction", "random directions"),
-        ("unimatch_both", "dropout FP + DDFP"),
-    ):
-        row = table[method]
-        assert row["seeds"] == [0, 1, 2], method
-        quoted = f"{name} {100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f} %"
-        assert quoted in readme, quoted
-    if any(row["mean_miou"] > table["supervised"]["mean_miou"] for row in table.values()):
-        assert "do not help on the demo yet, with any feature perturbation" not in readme
     helps = main["final_miou"] > supervised["final_miou"]
-    assert ("do not help on the demo yet" in readme) == (not helps)
+    assert ("the unlabelled images help" in readme) == helps
     accuracy = [100 * run["final_scores"]["foreground accuracy"] for run in (main, supervised)]
-    assert f"foreground accuracy {accuracy[0]:.2f} % and {accuracy[1]:.2f} %" in readme
-    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    assert f"foreground accuracy {accuracy[0]:.2f} % against {accuracy[1]:.2f} %" in readme
+    guide = " ".join((ROOT / "docs" / "getting-started.md").read_text().split())
+    assert f"of which {DEMO_NUM_LABELED} are labelled" in guide
     for command, run in (("", main), (" --mode supervised", supervised)):
         scores = run["final_scores"]
         row = (
@@ -462,6 +478,64 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
             f"{100 * scores['foreground accuracy']:.2f} |"
         )
         assert row in guide, row
+
+
+def test_readme_study_numbers_are_the_recorded_grid_at_both_sizes() -> None:
+    """Every method's mean ± std at 60 labels and at the demo's size, and the 'do not help' claim."""
+    from ddfp_examples.demo_data import DEMO_NUM_LABELED
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    assert sorted(results["results"]["setup"]["num_labeled"]) == sorted({60, DEMO_NUM_LABELED})
+    for size in (DEMO_NUM_LABELED, 60):
+        table = {r["method"]: r for r in results["results"]["table"] if r["num_labeled"] == size}
+        segment = _study_segment(readme, size)
+        for method, name in STUDY_NAMES:
+            assert table[method]["seeds"] == [0, 1, 2], (size, method)
+            quoted = f"{name} {_mean_std(table[method])}"
+            assert quoted in segment, (size, quoted)
+        helps = any(
+            row["mean_miou"] > table["supervised"]["mean_miou"]
+            for method, row in table.items()
+            if method != "supervised"
+        )
+        assert ("do not help yet, with any feature perturbation" in segment) == (not helps), size
+    paired = {
+        p["method"]: p["mean_difference"]
+        for p in results["results"]["paired_vs_baseline"]
+        if p["num_labeled"] == DEMO_NUM_LABELED
+    }
+    if "A random step of DDFP's length gets most of DDFP's gain" in readme:
+        gain = paired["unimatch_ddfp"]
+        assert 0 < 0.5 * gain < paired["unimatch_random_direction"] < gain
+    if "UniMatch's dropout FP, which drops half of MobileNetV2's channels, loses" in readme:
+        assert paired["unimatch_dropout"] < 0
+
+
+def test_readme_labelled_set_size_was_chosen_on_the_tuning_split() -> None:
+    """The README's tuning-split numbers for the demo's size are ssl_demo_tuning.json's."""
+    from ddfp_examples.demo_data import DEMO_NUM_LABELED
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    path = ROOT / "benchmarks" / "results" / "ssl_demo_tuning.json"
+    results = json.loads(path.read_text())["results"]
+    assert results["setup"]["split"] == "tuning" and results["setup"]["eps"] is None
+    table = {r["method"]: r for r in results["table"] if r["num_labeled"] == DEMO_NUM_LABELED}
+    assert table["unimatch_ddfp"]["seeds"] == table["supervised"]["seeds"] == [0, 1, 2]
+    quoted = (
+        f"held-out training images (`--split tuning`, seeds 0-2: DDFP "
+        f"{_mean_std(table['unimatch_ddfp'])} against {_mean_std(table['supervised'])}, ahead on "
+        "every seed"
+    )
+    assert quoted in readme, quoted
+    [pair] = [p for p in results["paired_vs_baseline"] if p["num_labeled"] == DEMO_NUM_LABELED]
+    assert pair["method"] == "unimatch_ddfp" and pair["wins"] == len(pair["seeds"]) == 3
+    guide = " ".join((ROOT / "docs" / "getting-started.md").read_text().split())
+    quoted = (
+        f"scores {_mean_std(table['unimatch_ddfp'])} against {_mean_std(table['supervised'])} "
+        "for supervised only, ahead on every seed"
+    )
+    assert quoted in guide, quoted
 
 
 def test_readme_digit_identity_numbers_are_the_recorded_study() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "DEMO_CLASSES",
     "BACKGROUND_IMAGES",
+    "DEMO_NUM_LABELED",
     "DIGIT_HEIGHT_RANGE",
     "DemoScene",
     "default_demo_root",
@@ -70,6 +71,13 @@ BACKGROUND_IMAGES: tuple[str, ...] = (
     "text",
 )
 """``skimage.data`` images that ship inside the scikit-image wheel (no pooch download)."""
+
+DEMO_NUM_LABELED = 240
+"""Labelled images the example loop draws from the demo's training split when given no split.
+
+With 60 the segmenter memorises its few labelled scenes within the demo's 300 iterations and its
+pseudo-labels carry little digit identity; with 240 the unlabelled streams have something to spread
+(``benchmarks/ssl_demo.py --split tuning`` compares both on held-out training images)."""
 
 _FORMAT_VERSION = 2
 _STAMP_NAME = "demo_dataset.json"
