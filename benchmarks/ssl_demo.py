@@ -44,6 +44,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
+
 from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
 
 __all__ = [
@@ -435,7 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--num-labeled", type=int, nargs="+", default=[60, 240])
+    parser.add_argument("--num-labeled", type=int, nargs="+", default=[60, DEMO_NUM_LABELED])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--baseline",

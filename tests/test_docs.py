@@ -26,6 +26,11 @@ DOCS = ROOT / "docs"
 REQUIRED_SECTIONS = ("Args:", "Shape:", "References:", "Examples:")
 
 
+def flat_text(path: Path) -> str:
+    """The text of ``path`` with every run of whitespace, line breaks included, as one space."""
+    return " ".join(path.read_text().split())
+
+
 def public_module_names() -> list[str]:
     """``ddfp_lib`` and every submodule whose dotted path has no ``_``-prefixed part."""
     names = ["ddfp_lib"]
@@ -382,7 +387,7 @@ def test_citation_names_the_paper_and_its_authors():
 
 def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
     """The README's speed and memory ratios at the paper's crop are those in perturbation.json."""
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat_text(ROOT / "README.md")
     results = json.loads((ROOT / "benchmarks" / "results" / "perturbation.json").read_text())
     targets = {
         (row["design"], row["density"]): row
@@ -426,7 +431,7 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
     """The README's main-job comparison quotes the seed-0 runs of ssl_demo.json at the demo's size."""
     from ddfp_examples.demo_data import DEMO_NUM_LABELED
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat_text(ROOT / "README.md")
     results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
     runs = {
         run["method"]: run
@@ -468,7 +473,7 @@ def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
     assert ("the unlabelled images help" in readme) == helps
     accuracy = [100 * run["final_scores"]["foreground accuracy"] for run in (main, supervised)]
     assert f"foreground accuracy {accuracy[0]:.2f} % against {accuracy[1]:.2f} %" in readme
-    guide = " ".join((ROOT / "docs" / "getting-started.md").read_text().split())
+    guide = flat_text(ROOT / "docs" / "getting-started.md")
     assert f"of which {DEMO_NUM_LABELED} are labelled" in guide
     for command, run in (("", main), (" --mode supervised", supervised)):
         scores = run["final_scores"]
@@ -484,7 +489,7 @@ def test_readme_study_numbers_are_the_recorded_grid_at_both_sizes() -> None:
     """Every method's mean ± std at 60 labels and at the demo's size, and the 'do not help' claim."""
     from ddfp_examples.demo_data import DEMO_NUM_LABELED
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat_text(ROOT / "README.md")
     results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
     assert sorted(results["results"]["setup"]["num_labeled"]) == sorted({60, DEMO_NUM_LABELED})
     for size in (DEMO_NUM_LABELED, 60):
@@ -516,7 +521,7 @@ def test_readme_labelled_set_size_was_chosen_on_the_tuning_split() -> None:
     """The README's tuning-split numbers for the demo's size are ssl_demo_tuning.json's."""
     from ddfp_examples.demo_data import DEMO_NUM_LABELED
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat_text(ROOT / "README.md")
     path = ROOT / "benchmarks" / "results" / "ssl_demo_tuning.json"
     results = json.loads(path.read_text())["results"]
     assert results["setup"]["split"] == "tuning" and results["setup"]["eps"] is None
@@ -530,7 +535,7 @@ def test_readme_labelled_set_size_was_chosen_on_the_tuning_split() -> None:
     assert quoted in readme, quoted
     [pair] = [p for p in results["paired_vs_baseline"] if p["num_labeled"] == DEMO_NUM_LABELED]
     assert pair["method"] == "unimatch_ddfp" and pair["wins"] == len(pair["seeds"]) == 3
-    guide = " ".join((ROOT / "docs" / "getting-started.md").read_text().split())
+    guide = flat_text(ROOT / "docs" / "getting-started.md")
     quoted = (
         f"scores {_mean_std(table['unimatch_ddfp'])} against {_mean_std(table['supervised'])} "
         "for supervised only, ahead on every seed"
@@ -540,7 +545,7 @@ def test_readme_labelled_set_size_was_chosen_on_the_tuning_split() -> None:
 
 def test_readme_digit_identity_numbers_are_the_recorded_study() -> None:
     """The README's explanation of the demo's low mIoU quotes benchmarks/results/digit_identity.json."""
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat_text(ROOT / "README.md")
     results = json.loads((ROOT / "benchmarks" / "results" / "digit_identity.json").read_text())
     table = {row["num_labeled"]: row for row in results["results"]["table"]}
     setup = results["results"]["setup"]
