@@ -157,6 +157,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "doubled at 8)",
     )
     model.add_argument(
+        "--output-stride",
+        type=int,
+        choices=[8, 16, 32],
+        default=None,
+        help="backbone output stride (default: 16 for ResNet, 8 for MobileNetV2)",
+    )
+    model.add_argument(
+        "--head-channels",
+        type=int,
+        default=256,
+        help="width of the ASPP output and of the decoder's fuse block (the density space)",
+    )
+    model.add_argument(
+        "--low-reduced",
+        type=int,
+        default=48,
+        help="channels the stride-4 features are reduced to before the fuse block",
+    )
+    model.add_argument(
         "--aux-bn",
         action="store_true",
         help="route perturbed features through auxiliary BatchNorm layers in the head",
@@ -193,6 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     method.add_argument("--flow-lr", type=float, default=1e-3)
     method.add_argument("--flow-samples", type=int, default=20480, help="features per flow step")
+    method.add_argument(
+        "--flow-hidden", type=int, default=256, help="hidden width of the flow's coupling subnets"
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=None, help="default: 80, or 5 for demo")
@@ -221,6 +243,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, default=None, help="backbone lr (default 1e-3, demo 5e-3)"
     )
     optim.add_argument("--head-lr-mult", type=float, default=10.0, help="decoder lr = lr x this")
+    optim.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="sgd",
+        help="sgd = SGD with momentum (UniMatch, DDFP); adamw = AdamW",
+    )
+    optim.add_argument(
+        "--lr-warmup-iters",
+        type=int,
+        default=0,
+        help="iterations of linear learning-rate warm-up before the poly decay",
+    )
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
@@ -406,7 +440,10 @@ def build_model(
             args.backbone,
             num_classes,
             backbone_weights=weights,
+            output_stride=args.output_stride,
             aspp_dilations=args.aspp_dilations,
+            head_channels=args.head_channels,
+            low_reduced=args.low_reduced,
         )
 
 
@@ -498,7 +535,10 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
     stream: dict[str, Any] = {"perturbation_head": None}
     if args.perturbation == "ddfp":
         estimator = FlowDensityEstimator(
-            model.classifier.in_channels, spec.num_classes, seed=args.seed
+            model.classifier.in_channels,
+            spec.num_classes,
+            hidden_dim=args.flow_hidden,
+            seed=args.seed,
         )
         estimator.to(device)
         stream["estimator"] = estimator
@@ -518,22 +558,27 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
     return stream
 
 
-def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.SGD:
+def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(model.backbone_parameters()), "lr": args.lr},
+        {"params": list(model.decoder_parameters()), "lr": args.lr * args.head_lr_mult},
+    ]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.SGD(
-        [
-            {"params": list(model.backbone_parameters()), "lr": args.lr},
-            {"params": list(model.decoder_parameters()), "lr": args.lr * args.head_lr_mult},
-        ],
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
 
 
 def set_poly_lr(
     optimizer: torch.optim.Optimizer, args: argparse.Namespace, iteration: int, total: int
 ) -> float:
-    lr = args.lr * (1 - iteration / total) ** 0.9
+    """Linear warm-up over ``--lr-warmup-iters``, then poly decay with power 0.9."""
+    warmup = min(args.lr_warmup_iters, total - 1)
+    if iteration < warmup:
+        lr = args.lr * (iteration + 1) / (warmup + 1)
+    else:
+        lr = args.lr * (1 - (iteration - warmup) / (total - warmup)) ** 0.9
     optimizer.param_groups[0]["lr"] = lr
     optimizer.param_groups[1]["lr"] = lr * args.head_lr_mult
     return lr

@@ -241,6 +241,8 @@ def build_deeplabv3plus(
     deep_stem: bool | None = None,
     output_stride: int | None = None,
     aspp_dilations: Sequence[int] | None = None,
+    head_channels: int = 256,
+    low_reduced: int = 48,
 ) -> DeepLabV3Plus:
     """Build DeepLabV3+ on a named backbone, loading local ImageNet weights when given.
 
@@ -255,6 +257,8 @@ def build_deeplabv3plus(
         output_stride: defaults to 16 for ResNet and 8 for MobileNetV2.
         aspp_dilations: defaults to (6, 12, 18) scaled by 16 / output_stride, so (12, 24, 36) at 8
             (the rates follow the size of the feature map).
+        head_channels: width of the ASPP output and of the fuse block (256 in DeepLabV3+).
+        low_reduced: channels the low-level features are reduced to (48 in DeepLabV3+).
 
     Returns:
         The model, in training mode.
@@ -300,4 +304,6 @@ def build_deeplabv3plus(
         low_channels=encoder.low_channels,
         high_channels=encoder.high_channels,
         aspp_dilations=aspp_dilations,
+        low_reduced=low_reduced,
+        head_channels=head_channels,
     )
