@@ -518,6 +518,42 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
     return stream
 
 
+def build_training_state(args, model, streams, spec, total_iters, device) -> dict[str, Any]:
+    """Optimiser, gradient scaler, consistency loss and, with a DDFP stream, its perturbation."""
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    state: dict[str, Any] = {
+        "optimizer": build_optimizer(model, args),
+        "scaler": torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        "amp_dtype": amp_dtype,
+        "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
+        "estimator": None,
+        "flow_trainer": None,
+        "perturbation": None,
+        "perturbation_head": None,
+    }
+    if streams.density_fp:
+        state.update(build_density_stream(args, model, spec, total_iters, device))
+    return state
+
+
+def wrap_distributed(
+    streams: UniMatchDDFP, args: argparse.Namespace, ctx: DistributedContext
+) -> DistributedDataParallel:
+    """DDP around the streams module.
+
+    DDP must be told to look for unused parameters when some iteration leaves one without a
+    gradient: the auxiliary BatchNorm gets one only from the DDFP stream, so it idles in every
+    iteration without it (no DDFP stream, warm-up epochs). Searching costs a walk of
+    the autograd graph per iteration, so it is switched on only then.
+    """
+    aux_bn_idles = args.aux_bn and (not streams.density_fp or args.warmup_epochs > 0)
+    return DistributedDataParallel(
+        streams,
+        device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=aux_bn_idles,
+    )
+
+
 def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.SGD:
     return torch.optim.SGD(
         [
@@ -678,27 +714,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     streams = UniMatchDDFP(model, args.fp, args.aux_bn).to(ctx.device)
-    net: nn.Module = streams
-    if ctx.distributed:
-        net = DistributedDataParallel(
-            streams,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=args.aux_bn and not streams.density_fp,
-        )
-
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    state: dict[str, Any] = {
-        "optimizer": build_optimizer(model, args),
-        "scaler": torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
-        "amp_dtype": amp_dtype,
-        "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
-        "estimator": None,
-        "flow_trainer": None,
-        "perturbation": None,
-        "perturbation_head": None,
-    }
-    if streams.density_fp:
-        state.update(build_density_stream(args, model, spec, total_iters, ctx.device))
+    net: nn.Module = wrap_distributed(streams, args, ctx) if ctx.distributed else streams
+    state = build_training_state(args, model, streams, spec, total_iters, ctx.device)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "iteration": 0, "best_miou": -1.0, "history": []}
     resume_path = (

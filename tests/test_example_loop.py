@@ -297,3 +297,48 @@ def test_evaluating_more_often_does_not_change_the_training(tiny_voc_root, tmp_p
     assert len(every["progress"]["history"]) == 2 and len(last["progress"]["history"]) == 1
     for key, value in every["model"].items():
         assert torch.equal(value, last["model"][key]), key
+
+
+def one_process_gloo_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'gloo_store'}", rank=0, world_size=1
+    )
+    return dist
+
+
+@pytest.mark.parametrize("fp", ["ddfp", "both"])
+def test_ddp_with_aux_bn_survives_warmup_iterations_then_trains_every_stream(
+    tiny_voc_root, tmp_path, fp
+):
+    module = load_script()
+    args = module.parse_args(
+        tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--aux-bn", "--epochs", "2")
+        + ["--warmup-epochs", "1"]
+    )
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    loaders, _, _ = module.build_loaders(args, ctx)
+    batch = next(zip(loaders["x"], loaders["u"], loaders["u_mix"]))
+    torch.manual_seed(0)
+    model = module.build_model(args, 21, ctx)
+    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
+    dist = one_process_gloo_group(tmp_path)
+    try:
+        net = module.wrap_distributed(streams, args, ctx)
+        state = module.build_training_state(
+            args, model, streams, module.DATASETS["voc"], 4, ctx.device
+        )
+        aux = {k: v.clone() for k, v in model.head.state_dict().items() if ".aux." in k}
+        for warmup in (True, True, False, False):
+            logged = module.train_iteration(net, batch, state, args, ctx, warmup=warmup)
+            assert torch.isfinite(logged["loss"])
+        assert "loss_ddfp" in logged
+        moved = [
+            k
+            for k, v in model.head.state_dict().items()
+            if ".aux." in k and not torch.equal(v, aux[k])
+        ]
+        assert moved, "the DDFP stream must train the auxiliary BatchNorm after the warm-up"
+    finally:
+        dist.destroy_process_group()
