@@ -19,6 +19,7 @@ Runs as it is on one CPU (the demo), on one GPU, or on many GPUs with torchrun:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -66,6 +67,8 @@ from ddfp_lib import (  # noqa: E402
     DensityDescendingPerturbation,
     FlowDensityEstimator,
     OnlineFlowTrainer,
+    convert_to_dual_bn,
+    perturbed_bn,
     pseudo_labels,
 )
 
@@ -424,8 +427,6 @@ class UniMatchDDFP(nn.Module):
         self.density_fp = fp in ("ddfp", "both")
         self.aux_bn = aux_bn
         if aux_bn:
-            from ddfp_lib.batchnorm import convert_to_dual_bn
-
             convert_to_dual_bn(model.head)
 
     def forward(self, kind: str, *inputs: Any, **kw: Any):
@@ -433,13 +434,13 @@ class UniMatchDDFP(nn.Module):
             return self.model(inputs[0])
         return self.train_streams(*inputs, **kw)
 
-    def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
-        if self.aux_bn:
-            from ddfp_lib.batchnorm import perturbed_bn
+    def perturbed_branch(self) -> contextlib.AbstractContextManager[Any]:
+        """Where perturbed features go through the head: its auxiliary BatchNorm with --aux-bn."""
+        return perturbed_bn(self.model.head) if self.aux_bn else contextlib.nullcontext()
 
-            with perturbed_bn(self.model.head):
-                return self.model.decode(v)
-        return self.model.decode(v)
+    def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
+        with self.perturbed_branch():
+            return self.model.decode(v)
 
     def train_streams(
         self,
@@ -475,7 +476,9 @@ class UniMatchDDFP(nn.Module):
         if self.density_fp:
             v_u_w = v[n_x : n_x + n_u]
             mask = confident_mask(out["pred_u_w"], ignore_mask, threshold, v_u_w.shape[-2:])
-            v_ddfp = perturbation(v_u_w, head=perturbation_head, mask=mask)
+            # The direction is taken through the BatchNorm that the perturbed branch then uses.
+            with self.perturbed_branch():
+                v_ddfp = perturbation(v_u_w, head=perturbation_head, mask=mask)
             out["pred_ddfp"] = model.upsample(self.perturbed_decode(v_ddfp), size)
             out["confident_fraction"] = mask.float().mean()
         out["pred_s1"], out["pred_s2"] = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)

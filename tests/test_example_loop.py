@@ -342,3 +342,63 @@ def test_ddp_with_aux_bn_survives_warmup_iterations_then_trains_every_stream(
         assert moved, "the DDFP stream must train the auxiliary BatchNorm after the warm-up"
     finally:
         dist.destroy_process_group()
+
+
+class RecordingPerturbation(torch.nn.Module):
+    """Calls a perturbation and keeps its inputs, its output and the RNG state it started from."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, features, head=None, mask=None):
+        rng = torch.get_rng_state()
+        out = self.inner(features, head=head, mask=mask)
+        self.calls.append((features.detach().clone(), mask, rng, out.detach().clone()))
+        return out
+
+
+def test_aux_bn_ddfp_direction_goes_through_the_auxiliary_batchnorm():
+    from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator, perturbed_bn
+    from ddfp_lib.batchnorm import DualBatchNorm2d
+
+    module = load_script()
+    torch.manual_seed(0)
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    args = module.parse_args(["--dataset", "demo", "--backbone", "mobilenet_v2"])
+    model = module.build_model(args, 4, ctx)
+    streams = module.UniMatchDDFP(model, "ddfp", aux_bn=True).train()
+    with torch.no_grad():
+        for layer in model.head.modules():
+            if isinstance(layer, DualBatchNorm2d):
+                layer.aux.weight.mul_(3.0).add_(torch.randn_like(layer.aux.weight))
+                layer.aux.bias.add_(torch.randn_like(layer.aux.bias))
+                layer.aux.running_mean.add_(1.0)
+    estimator = FlowDensityEstimator(model.classifier.in_channels, 4, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(estimator, eps=4.0)
+    recorder = RecordingPerturbation(ddfp)
+    images = [torch.rand(2, 3, 32, 32) for _ in range(4)]
+    streams.train_streams(
+        *images,
+        torch.zeros(2, 32, 32, dtype=torch.long),
+        perturbation=recorder,
+        perturbation_head=model.head,
+        threshold=0.0,
+    )
+    ((features, mask, rng, got),) = recorder.calls
+    assert mask.all()
+
+    def direction(aux):
+        torch.set_rng_state(rng)
+        if aux:
+            with perturbed_bn(model.head):
+                return ddfp(features, head=model.head, mask=mask)
+        return ddfp(features, head=model.head, mask=mask)
+
+    through_aux, through_main = direction(aux=True), direction(aux=False)
+    assert torch.allclose(got, through_aux, atol=1e-5)
+    cosine = torch.cosine_similarity(
+        (got - features).flatten(), (through_main - features).flatten(), dim=0
+    )
+    assert cosine < 0.99, "the main and auxiliary BatchNorm must give different directions here"
