@@ -241,6 +241,7 @@ def build_deeplabv3plus(
     deep_stem: bool | None = None,
     output_stride: int | None = None,
     aspp_dilations: Sequence[int] | None = None,
+    head_dropout: float = 0.1,
 ) -> DeepLabV3Plus:
     """Build DeepLabV3+ on a named backbone, loading local ImageNet weights when given.
 
@@ -255,6 +256,8 @@ def build_deeplabv3plus(
         output_stride: defaults to 16 for ResNet and 8 for MobileNetV2.
         aspp_dilations: defaults to (6, 12, 18) scaled by 16 / output_stride, so (12, 24, 36) at 8
             (the rates follow the size of the feature map).
+        head_dropout: Dropout2d probability after each conv of the fuse block ``head``: 0.1 as in
+            the DDFP reference decoder; UniMatch's decoder has none (0).
 
     Returns:
         The model, in training mode.
@@ -265,6 +268,8 @@ def build_deeplabv3plus(
     """
     if backbone not in BACKBONE_NAMES:
         raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone!r}")
+    if not 0.0 <= head_dropout < 1.0:
+        raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
     checkpoint = None if backbone_weights is None else read_backbone_checkpoint(backbone_weights)
 
     encoder: ResNetBackbone | MobileNetV2Backbone
@@ -300,4 +305,5 @@ def build_deeplabv3plus(
         low_channels=encoder.low_channels,
         high_channels=encoder.high_channels,
         aspp_dilations=aspp_dilations,
+        head_dropout=head_dropout,
     )
