@@ -71,16 +71,24 @@ from ddfp_lib import (  # noqa: E402
     perturbed_bn,
     pseudo_labels,
 )
+from ddfp_lib.perturbations.ddfp import HEAD_MODES  # noqa: E402
 
 IGNORE_INDEX = 255
-# Loss weights of UniMatch; a DDFP stream is weighted like UniMatch's FP stream.
-LOSS_WEIGHTS = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5, "ddfp": 0.5}
+# Loss weights of UniMatch; the DDFP stream's is --ddfp-weight.
+LOSS_WEIGHTS = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+LOSS_FORMULA = (
+    "Loss of an iteration: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp + W L_ddfp) / Z, W = "
+    "--ddfp-weight, a stream that does not run counting 0; Z = 2 (UniMatch's) when L_fp or L_ddfp "
+    "runs, 1.5 when neither does (--fp none; --fp ddfp during --flow-burn-in). Supervised mode "
+    "and warm-up epochs: L_x alone."
+)
 
 
 # ----------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="UniMatch + DDFP semi-supervised segmentation with DeepLabV3+.",
+        epilog=LOSS_FORMULA,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -164,6 +172,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="route perturbed features through auxiliary BatchNorm layers in the head",
     )
+    model.add_argument(
+        "--head-dropout",
+        type=float,
+        default=0.1,
+        help="Dropout2d after each conv of the decoder's fuse block: 0.1 as in the DDFP "
+        "reference decoder; UniMatch's decoder has none (0)",
+    )
 
     method = parser.add_argument_group("method")
     method.add_argument(
@@ -192,9 +207,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "held-out training images)",
     )
     method.add_argument(
+        "--ddfp-weight",
+        type=float,
+        default=0.5,
+        help="weight W of the DDFP stream's loss, next to UniMatch's 0.5 for its dropout FP "
+        "stream (see the loss below)",
+    )
+    method.add_argument(
+        "--ddfp-head-mode",
+        choices=list(HEAD_MODES),
+        default="as_is",
+        help="how the head runs while DDFP takes its gradient: as_is (the reference: Dropout "
+        "on, so the direction is random), batch_stats (Dropout off: deterministic) or "
+        "running_stats (Dropout off, BatchNorm on running statistics: no coupling of pixels)",
+    )
+    method.add_argument(
+        "--ddfp-min-grad-ratio",
+        type=float,
+        default=0.0,
+        help="perturb only pixels whose raw gradient norm is at least this fraction of the "
+        "median over the confident pixels (0: every pixel with a nonzero gradient)",
+    )
+    method.add_argument(
         "--threshold", type=float, default=0.95, help="pseudo-label confidence threshold"
     )
     method.add_argument("--flow-lr", type=float, default=1e-3)
+    method.add_argument(
+        "--flow-burn-in",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs after --warmup-epochs in which every other stream runs and the flow trains "
+        "on the features, but the DDFP stream is held back (the reference trains the flow for "
+        "one epoch before perturbing)",
+    )
     method.add_argument("--flow-samples", type=int, default=20480, help="features per flow step")
 
     optim = parser.add_argument_group("optimisation")
@@ -218,7 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="labelled images per process (the same number of unlabelled); default 8 "
-        "for demo, 2 otherwise",
+        "for demo, 2 otherwise. The total is this x the number of processes: UniMatch's VOC "
+        "setting is 8 in total (2 per GPU on 4 GPUs; --batch-size 8 on one)",
     )
     optim.add_argument(
         "--lr", type=float, default=None, help="backbone lr (default 1e-3, demo 5e-3)"
@@ -252,7 +299,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    return fill_defaults(args, parser)
+    return check_stream_schedule(fill_defaults(args, parser), parser)
+
+
+def check_stream_schedule(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """Reject a --flow-burn-in without a DDFP stream or one that leaves it no epoch, and
+    out-of-range DDFP options."""
+    if args.flow_burn_in < 0:
+        parser.error(f"--flow-burn-in must be >= 0, got {args.flow_burn_in}")
+    if args.flow_burn_in > 0:
+        if args.fp not in ("ddfp", "both"):
+            parser.error("--flow-burn-in holds back the DDFP stream: it needs --fp ddfp or both")
+        if args.warmup_epochs + args.flow_burn_in >= args.epochs:
+            parser.error(
+                f"--warmup-epochs {args.warmup_epochs} + --flow-burn-in {args.flow_burn_in} "
+                f"leave no epoch of the {args.epochs} for the DDFP stream"
+            )
+    if args.ddfp_min_grad_ratio < 0:
+        parser.error(f"--ddfp-min-grad-ratio must be >= 0, got {args.ddfp_min_grad_ratio}")
+    if not 0.0 <= args.head_dropout < 1.0:
+        parser.error(f"--head-dropout must be in [0, 1), got {args.head_dropout}")
+    return args
 
 
 def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -410,6 +479,7 @@ def build_model(
             num_classes,
             backbone_weights=weights,
             aspp_dilations=args.aspp_dilations,
+            head_dropout=args.head_dropout,
         )
 
 
@@ -473,7 +543,7 @@ class UniMatchDDFP(nn.Module):
         }
         if self.dropout_fp:
             out["pred_fp"] = model.upsample(logits[2 * n_x + n_u :], size)
-        if self.density_fp:
+        if self.density_fp and perturbation is not None:
             v_u_w = v[n_x : n_x + n_u]
             mask = confident_mask(out["pred_u_w"], ignore_mask, threshold, v_u_w.shape[-2:])
             # The direction is taken through the BatchNorm that the perturbed branch then uses.
@@ -508,7 +578,12 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
         stream["flow_trainer"] = OnlineFlowTrainer(
             estimator, lr=args.flow_lr, max_samples=args.flow_samples, total_steps=total_iters
         )
-        stream["perturbation"] = DensityDescendingPerturbation(estimator, eps=args.eps)
+        stream["perturbation"] = DensityDescendingPerturbation(
+            estimator,
+            eps=args.eps,
+            head_mode=args.ddfp_head_mode,
+            min_grad_ratio=args.ddfp_min_grad_ratio,
+        )
         stream["perturbation_head"] = model.head
         return stream
     from ddfp_lib import build_perturbation
@@ -546,10 +621,11 @@ def wrap_distributed(
 
     DDP must be told to look for unused parameters when some iteration leaves one without a
     gradient: the auxiliary BatchNorm gets one only from the DDFP stream, so it idles in every
-    iteration without it (no DDFP stream, warm-up epochs). Searching costs a walk of
+    iteration without it (no DDFP stream, warm-up epochs, flow burn-in). Searching costs a walk of
     the autograd graph per iteration, so it is switched on only then.
     """
-    aux_bn_idles = args.aux_bn and (not streams.density_fp or args.warmup_epochs > 0)
+    held_back = args.warmup_epochs > 0 or args.flow_burn_in > 0
+    aux_bn_idles = args.aux_bn and (not streams.density_fp or held_back)
     return DistributedDataParallel(
         streams,
         device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -594,10 +670,18 @@ def cutmix_targets(labels, confidence, ignore, labels_mix, confidence_mix, ignor
     )
 
 
-def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[str, torch.Tensor]:
+def loss_normaliser(losses: dict[str, torch.Tensor]) -> float:
+    """UniMatch's 2 when a feature-perturbation stream runs; 1 + 0.25 + 0.25 without one."""
+    return 2.0 if {"fp", "ddfp"} & losses.keys() else 1.5
+
+
+def train_iteration(
+    net, batch, state, args, ctx, warmup: bool = False, burn_in: bool = False
+) -> dict[str, torch.Tensor]:
     """One UniMatch (+ DDFP) iteration: losses, backward, SGD step, then the flow's online step.
 
     ``warmup``: labelled loss only (the unlabelled batches are drawn but not used).
+    ``burn_in``: every stream but DDFP; the flow still takes its step (see --flow-burn-in).
     """
     (img_x, mask_x), u, u_mix = batch
     device = ctx.device
@@ -640,7 +724,7 @@ def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[
                 img_u_s1,
                 img_u_s2,
                 ignore_mask,
-                perturbation=state["perturbation"],
+                perturbation=None if burn_in else state["perturbation"],
                 perturbation_head=state["perturbation_head"],
                 threshold=args.threshold,
             )
@@ -666,9 +750,8 @@ def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[
                 losses[stream] = consistency(
                     out[f"pred_{stream}"], labels_u_w, confidence=conf_u_w, ignore_mask=ignore_mask
                 )
-        total = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items()) / sum(
-            LOSS_WEIGHTS[k] for k in losses
-        )
+        weights = {**LOSS_WEIGHTS, "ddfp": args.ddfp_weight}
+        total = sum(weights[k] * v for k, v in losses.items()) / loss_normaliser(losses)
 
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
@@ -765,7 +848,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lr = set_poly_lr(state["optimizer"], args, progress["iteration"], total_iters)
                 tic = time.time()
                 logged = train_iteration(
-                    net, batch, state, args, ctx, warmup=epoch < args.warmup_epochs
+                    net,
+                    batch,
+                    state,
+                    args,
+                    ctx,
+                    warmup=epoch < args.warmup_epochs,
+                    burn_in=epoch < args.warmup_epochs + args.flow_burn_in,
                 )
                 progress["iteration"] += 1
                 progress["step_in_epoch"] += 1

@@ -309,13 +309,20 @@ def one_process_gloo_group(tmp_path):
 
 
 @pytest.mark.parametrize("fp", ["ddfp", "both"])
-def test_ddp_with_aux_bn_survives_warmup_iterations_then_trains_every_stream(
-    tiny_voc_root, tmp_path, fp
+@pytest.mark.parametrize(
+    "held_back,schedule",
+    [
+        (["--warmup-epochs", "1"], [(True, True), (True, True), (False, False), (False, False)]),
+        (["--flow-burn-in", "1"], [(False, True), (False, True), (False, False), (False, False)]),
+    ],
+    ids=["warmup", "flow_burn_in"],
+)
+def test_ddp_with_aux_bn_survives_iterations_without_ddfp_then_trains_every_stream(
+    tiny_voc_root, tmp_path, fp, held_back, schedule
 ):
     module = load_script()
     args = module.parse_args(
-        tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--aux-bn", "--epochs", "2")
-        + ["--warmup-epochs", "1"]
+        tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--aux-bn", "--epochs", "2") + held_back
     )
     ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
     loaders, _, _ = module.build_loaders(args, ctx)
@@ -330,8 +337,10 @@ def test_ddp_with_aux_bn_survives_warmup_iterations_then_trains_every_stream(
             args, model, streams, module.DATASETS["voc"], 4, ctx.device
         )
         aux = {k: v.clone() for k, v in model.head.state_dict().items() if ".aux." in k}
-        for warmup in (True, True, False, False):
-            logged = module.train_iteration(net, batch, state, args, ctx, warmup=warmup)
+        for warmup, burn_in in schedule:
+            logged = module.train_iteration(
+                net, batch, state, args, ctx, warmup=warmup, burn_in=burn_in
+            )
             assert torch.isfinite(logged["loss"])
         assert "loss_ddfp" in logged
         moved = [
@@ -402,3 +411,103 @@ def test_aux_bn_ddfp_direction_goes_through_the_auxiliary_batchnorm():
         (got - features).flatten(), (through_main - features).flatten(), dim=0
     )
     assert cosine < 0.99, "the main and auxiliary BatchNorm must give different directions here"
+
+
+def expected_total(row, ddfp_weight=0.5):
+    """The documented loss of an iteration from its logged stream losses."""
+    value = {k: float(row[f"loss_{k}"]) if row.get(f"loss_{k}") else 0.0 for k in LOSS_STREAMS}
+    weighted = (
+        value["x"]
+        + 0.25 * value["s1"]
+        + 0.25 * value["s2"]
+        + 0.5 * value["fp"]
+        + ddfp_weight * value["ddfp"]
+    )
+    return weighted / (2.0 if row.get("loss_fp") or row.get("loss_ddfp") else 1.5)
+
+
+LOSS_STREAMS = ("x", "s1", "s2", "fp", "ddfp")
+
+
+@pytest.mark.parametrize(
+    "fp,extra,normaliser",
+    [
+        ("none", [], 1.5),
+        ("dropout", [], 2.0),
+        ("ddfp", [], 2.0),
+        ("both", [], 2.0),
+        ("both", ["--ddfp-weight", "2.0"], 2.0),
+    ],
+)
+def test_total_loss_keeps_unimatch_weights_and_divides_by_two_with_any_fp_stream(
+    tiny_voc_root, tmp_path, fp, extra, normaliser
+):
+    module = load_script()
+    module.main(tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--log-every", "1", *extra))
+    weights = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+    weights["ddfp"] = float(extra[1]) if extra else 0.5
+    for row in read_log(tmp_path):
+        streams = [k for k in LOSS_STREAMS if row.get(f"loss_{k}")]
+        assert ("fp" in streams) == (fp in ("dropout", "both"))
+        assert ("ddfp" in streams) == (fp in ("ddfp", "both"))
+        weighted = sum(weights[k] * float(row[f"loss_{k}"]) for k in streams)
+        total = float(row["loss"])
+        assert total == pytest.approx(weighted / normaliser, rel=1e-5)
+        assert total == pytest.approx(expected_total(row, weights["ddfp"]), rel=1e-5)
+        if fp != "both":
+            # What the loop computed before the DDFP weight was explicit: weights over their sum.
+            assert total == pytest.approx(weighted / sum(weights[k] for k in streams), rel=1e-5)
+
+
+def test_flow_burn_in_trains_the_flow_before_the_ddfp_stream_starts(tiny_voc_root, tmp_path):
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path, "--log-every", "1", "--fp", "ddfp")
+    args[args.index("--epochs") + 1] = "2"
+    initial = module.FlowDensityEstimator(256, 21, seed=0).state_dict()
+    summary = module.main([*args, "--flow-burn-in", "1", "--stop-after", "2"])
+    assert summary["iterations"] == 2
+    rows = read_log(tmp_path)
+    for row in rows:
+        assert row["flow_nll"] != "" and row["loss_s1"] != "" and row.get("loss_ddfp", "") == ""
+        assert float(row["loss"]) == pytest.approx(expected_total(row), rel=1e-5)
+    flow = torch.load(tmp_path / "latest.pt", weights_only=False)["flow"]
+    assert any(not torch.equal(flow[k], initial[k]) for k in initial), "the flow must train"
+    module.main([*args, "--flow-burn-in", "1", "--resume"])
+    rows = read_log(tmp_path)
+    assert [row["epoch"] for row in rows] == ["0", "0", "1", "1"]
+    assert all(row["loss_ddfp"] != "" for row in rows[2:])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--fp", "dropout", "--flow-burn-in", "1"],
+        ["--fp", "ddfp", "--flow-burn-in", "1"],
+        ["--fp", "ddfp", "--epochs", "3", "--warmup-epochs", "1", "--flow-burn-in", "2"],
+        ["--flow-burn-in", "-1"],
+        ["--ddfp-min-grad-ratio", "-0.5"],
+        ["--head-dropout", "1.0"],
+        ["--ddfp-head-mode", "eval"],
+    ],
+)
+def test_bad_stream_schedules_and_ddfp_options_are_rejected(tiny_voc_root, tmp_path, extra):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(tiny_args(tiny_voc_root, tmp_path, *extra))
+
+
+def test_ddfp_direction_and_head_dropout_flags_reach_the_perturbation_and_the_model(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    extra = ["--ddfp-head-mode", "running_stats", "--ddfp-min-grad-ratio", "0.2"]
+    args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, *extra, "--head-dropout", "0"))
+    model = module.build_model(args, 21, ctx)
+    assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout2d)] == [0.0, 0.0]
+    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
+    state = module.build_training_state(args, model, streams, module.DATASETS["voc"], 4, ctx.device)
+    ddfp = state["perturbation"]
+    assert (ddfp.head_mode, ddfp.min_grad_ratio, ddfp.eps) == ("running_stats", 0.2, 4.0)
+    defaults = module.parse_args(tiny_args(tiny_voc_root, tmp_path))
+    assert (defaults.ddfp_head_mode, defaults.ddfp_min_grad_ratio) == ("as_is", 0.0)
+    assert (defaults.head_dropout, defaults.ddfp_weight, defaults.flow_burn_in) == (0.1, 0.5, 0)
