@@ -411,6 +411,15 @@ def test_min_grad_ratio_with_rows_and_with_a_mask_at_another_resolution():
     assert out[0, :, :2, :2].norm(dim=0).gt(0.99).all() and out[0, :, 2:, 2:].eq(0).all()
 
 
+def test_min_grad_ratio_without_masked_pixels_moves_nothing_and_gives_no_nan():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 4, 4)
+    nothing = torch.zeros(2, 4, 4, dtype=torch.bool)
+    out = density_descent_direction(est, features, head, nothing, min_grad_ratio=0.1)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_direction_options_reach_the_module_and_are_checked():
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
     ddfp = DensityDescendingPerturbation(est, head_mode="running_stats", min_grad_ratio=0.1)

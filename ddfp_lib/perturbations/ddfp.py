@@ -116,15 +116,20 @@ def _large_gradient(
 ) -> torch.Tensor:
     """Per pixel (broadcasting over channels): gradient norm >= ratio x median over the mask.
 
-    The median is a NaN-skipping one over a fixed-size tensor, so nothing is read on the host.
+    The median (the lower one for an even count, as ``torch.median``) is read from a sort of all
+    pixels with the unmasked ones placed last, at an index computed on the device: nothing is read
+    on the host (``torch.nanmedian`` reads its NaN count there on CUDA). Without masked pixels the
+    median is infinite and no pixel moves.
     """
     norm = torch.linalg.vector_norm(gradient, dim=1, keepdim=True)
+    flat = norm.flatten()
     if mask is None:
-        masked_norm = norm
+        inside = torch.ones_like(flat, dtype=torch.bool)
     else:
-        inside = mask_at_feature_resolution(mask, gradient)
-        masked_norm = torch.where(inside, norm, torch.full_like(norm, float("nan")))
-    median = torch.nanmedian(masked_norm.flatten())
+        inside = mask_at_feature_resolution(mask, gradient).flatten()
+    ordered = torch.sort(torch.where(inside, flat, torch.full_like(flat, float("inf")))).values
+    middle = (inside.sum() - 1).clamp(min=0) // 2
+    median = ordered.gather(0, middle.reshape(1))
     return (norm >= ratio * median).to(gradient.dtype)
 
 
