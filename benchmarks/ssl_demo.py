@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,23 +134,25 @@ def loop_command(
     budget: StudyBudget,
     data_root: Path,
     resume: bool = False,
+    methods: Mapping[str, Sequence[str]] = METHODS,
 ) -> list[str]:
     """The example loop's command line for one run.
 
     Args:
-        method: a key of :data:`METHODS`.
+        method: a key of ``methods``.
         num_labeled: labelled images drawn from the demo's training split.
         seed: seed of the run (and of its labelled draw).
         out: the run's output folder.
         budget: the study's budget.
         data_root: the demo dataset folder.
         resume: continue from ``out/latest.pt``.
+        methods: the loop flags of each method (another study passes its own).
 
     Returns:
         ``[python, script, args...]``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if method not in methods:
+        raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
     command = [
         sys.executable, str(LOOP_SCRIPT), "--dataset", "demo", "--data-root", str(data_root),
         "--demo-size", str(budget.demo_size[0]), str(budget.demo_size[1]),
@@ -157,7 +160,7 @@ def loop_command(
         "--epochs", str(budget.epochs), "--iters-per-epoch", str(budget.iters_per_epoch),
         "--eval-every", str(budget.eval_every), "--batch-size", str(budget.batch_size),
         "--workers", str(budget.workers), "--device", budget.device,
-        "--no-progress", *METHODS[method],
+        "--no-progress", *methods[method],
     ]  # fmt: skip
     if budget.eps is not None:
         command += ["--eps", str(budget.eps)]
@@ -173,8 +176,9 @@ def run_one(
     runs_dir: Path,
     budget: StudyBudget,
     data_root: Path,
+    methods: Mapping[str, Sequence[str]] = METHODS,
 ) -> dict[str, Any]:
-    """Run (or read back) one configuration.
+    """Run (or read back) one configuration (``methods`` as in :func:`loop_command`).
 
     Returns:
         ``method, num_labeled, seed, final_miou, final_scores, best_miou, iterations, seconds,
@@ -190,7 +194,7 @@ def run_one(
     if not reused:
         out.mkdir(parents=True, exist_ok=True)
         resume = (out / "latest.pt").is_file()
-        command = loop_command(method, num_labeled, seed, out, budget, data_root, resume)
+        command = loop_command(method, num_labeled, seed, out, budget, data_root, resume, methods)
         env = dict(os.environ, OMP_NUM_THREADS=str(budget.threads))
         env["MKL_NUM_THREADS"] = str(budget.threads)
         with open(out / "stdout.log", "a") as log:
@@ -230,19 +234,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(
+    runs: list[dict[str, Any]], labels: Mapping[str, str] = METHOD_LABELS
+) -> list[dict[str, Any]]:
     """Mean +- sample std of the final mIoU over seeds, per method and labelled-set size.
 
     Args:
         runs: rows of :func:`run_one`.
+        labels: the display label of each method, in table order.
 
     Returns:
-        One row per (method, num_labeled), in :data:`METHODS` order then by size:
+        One row per (method, num_labeled), in ``labels`` order then by size:
         ``method, label, num_labeled, seeds, miou (per seed), mean_miou, std_miou, mean_seconds``.
         ``std_miou`` is the sample standard deviation (ddof 1), 0 with one seed.
     """
     rows = []
-    for method in METHODS:
+    for method in labels:
         sizes = sorted({run["num_labeled"] for run in runs if run["method"] == method})
         for size in sizes:
             chosen = sorted(
@@ -254,7 +261,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "method": method,
-                    "label": METHOD_LABELS[method],
+                    "label": labels[method],
                     "num_labeled": size,
                     "seeds": [r["seed"] for r in chosen],
                     "miou": values,
@@ -267,12 +274,17 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_differences(
-    runs: list[dict[str, Any]], baseline: str = BASELINE
+    runs: list[dict[str, Any]], baseline: str = BASELINE, methods: Sequence[str] = tuple(METHODS)
 ) -> list[dict[str, Any]]:
     """Per seed, a method's final mIoU minus the baseline's at the same seed and size.
 
     Same seed means same labelled images, so the paired difference removes the spread that comes
     from which images were labelled.
+
+    Args:
+        runs: rows of :func:`run_one`.
+        baseline: the method subtracted.
+        methods: the methods compared with it, in row order.
 
     Returns:
         One row per (method != baseline, num_labeled) with at least one shared seed:
@@ -285,7 +297,7 @@ def paired_differences(
         if r["method"] == baseline
     }
     rows = []
-    for method in METHODS:
+    for method in methods:
         if method == baseline:
             continue
         sizes = sorted({r["num_labeled"] for r in runs if r["method"] == method})

@@ -2,7 +2,8 @@
 
 Each call of :meth:`OnlineFlowTrainer.step` takes the detached features of the current batch, labels
 the labelled pixels with their ground-truth class and the rest with the unknown class, draws at most
-``max_samples`` of them, jitters them with Gaussian noise and takes one Adam step on their NLL.
+``max_samples`` of them, jitters them with Gaussian noise and takes one Adam step on their NLL. A
+batch without a single valid pixel takes no step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ._checks import autocast_off, check_finite, check_positive
 from .density import UNKNOWN_CLASS, FlowDensityEstimator
 
 __all__ = ["OnlineFlowTrainer", "feature_rows_and_labels"]
+
+#: Devices on which Adam runs with ``capturable=True`` (its step counts live on the device).
+CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 Labels = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
@@ -80,6 +84,11 @@ def feature_rows_and_labels(
 class OnlineFlowTrainer:
     """One Adam step of the flow's NLL per segmentation iteration, on a sample of the batch's features.
 
+    A batch without a valid pixel (everything ignored) takes no step: the flow, Adam's moments and
+    step counts and the learning-rate schedule stay as they were. ``num_steps`` counts the calls of
+    :meth:`step`, ``steps_taken`` (a tensor on the flow's device, read without forcing a
+    synchronisation) the steps taken; the decision is made on the device.
+
     Args:
         estimator: the FlowDensityEstimator to train (kept in float32).
         lr: Adam learning rate.
@@ -88,7 +97,8 @@ class OnlineFlowTrainer:
         noise_std: standard deviation of the Gaussian jitter added to the sampled features.
         grad_clip: max total gradient norm; None disables clipping.
         total_steps: length of training in steps; the learning rate then decays exponentially
-            to ``final_lr_factor * lr``. None keeps it constant.
+            to ``final_lr_factor * lr``. None keeps it constant. Only steps that are taken count
+            (a batch without a valid pixel takes none).
         final_lr_factor: the learning-rate factor reached at ``total_steps``.
         ignore_index: label value of pixels left out (padding, void).
         sync_gradients: average gradients over the ranks of an initialised torch.distributed group
@@ -147,17 +157,32 @@ class OnlineFlowTrainer:
         self.total_steps = total_steps
         self.final_lr_factor = float(final_lr_factor)
         self.ignore_index = ignore_index
-        self.optimizer = torch.optim.Adam(estimator.parameters(), lr=lr, betas=betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.base_lr = float(lr)
+        device = next(estimator.parameters()).device
+        # Capturable Adam keeps its step counts on the device, so a skipped step can restore them
+        # there without the host reading anything.
+        self.optimizer = torch.optim.Adam(
+            estimator.parameters(),
+            lr=self.base_lr,
+            betas=betas,
+            capturable=device.type in CAPTURABLE_DEVICES,
+        )
         self.num_steps = 0
+        self.steps_taken = torch.zeros((), dtype=torch.long, device=device)
         self._distributed = self._resolve_distributed(sync_gradients)
         if self._distributed:
             self._broadcast_parameters()
 
-    def _lr_factor(self, step: int) -> float:
+    @property
+    def lr(self) -> torch.Tensor:
+        """The learning rate of the next step that is taken (0-dim tensor on the flow's device)."""
+        return self.base_lr * self._lr_factor(self.steps_taken)
+
+    def _lr_factor(self, steps: torch.Tensor) -> torch.Tensor:
         if self.total_steps is None:
-            return 1.0
-        return math.exp(math.log(self.final_lr_factor) * min(step / self.total_steps, 1.0))
+            return torch.ones((), dtype=torch.float32, device=steps.device)
+        progress = (steps.float() / self.total_steps).clamp(max=1.0)
+        return torch.exp(math.log(self.final_lr_factor) * progress)
 
     @staticmethod
     def _resolve_distributed(sync_gradients: bool | str) -> bool:
@@ -174,13 +199,17 @@ class OnlineFlowTrainer:
             for tensor in list(self.estimator.parameters()) + list(self.estimator.buffers()):
                 torch.distributed.broadcast(tensor, src=0)
 
-    def _average_gradients(self) -> None:
+    def _average_gradients(self, has_rows: torch.Tensor) -> torch.Tensor:
+        """Average the gradients over the ranks; return whether any rank had a valid row."""
         world = torch.distributed.get_world_size()
         for p in self.estimator.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad)
             p.grad.div_(world)
+        any_rows = has_rows.to(torch.float32)
+        torch.distributed.all_reduce(any_rows)
+        return any_rows > 0
 
     def sample(
         self, features: Features, labels: Labels = None
@@ -246,25 +275,61 @@ class OnlineFlowTrainer:
             loss = -(log_p * weights).sum() / weights.sum().clamp_min(1.0)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        has_rows = weights.sum() > 0
         if self._distributed:
-            self._average_gradients()
+            has_rows = self._average_gradients(has_rows)
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.estimator.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        self._step_or_skip(has_rows)
         self.num_steps += 1
         return loss.detach()
 
+    def _step_or_skip(self, has_rows: torch.Tensor) -> None:
+        """One Adam step scaled by the schedule, or none at all when ``has_rows`` is False.
+
+        Adam's update is linear in the learning rate, so the step is taken at the base rate and the
+        parameters move by the schedule's fraction of it (0 to skip); the moments and step counts
+        are put back when skipping. Everything is decided on the device: no host synchronisation.
+        """
+        params = [p for p in self.estimator.parameters() if p.grad is not None]
+        before = [p.detach().clone() for p in params]
+        state_before = [
+            {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+            for p in params
+        ]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr
+        self.optimizer.step()
+        fraction = torch.where(has_rows, self._lr_factor(self.steps_taken), 0.0)
+        with torch.no_grad():
+            for p, old, old_state in zip(params, before, state_before):
+                p.copy_(torch.where(has_rows, old + fraction.to(p.dtype) * (p - old), old))
+                for key, value in self.optimizer.state[p].items():
+                    if torch.is_tensor(value):
+                        previous = old_state.get(key, torch.zeros_like(value))
+                        value.copy_(torch.where(has_rows.to(value.device), value, previous))
+        self.steps_taken += has_rows.long()
+
     def state_dict(self) -> dict:
-        """Optimiser, schedule and step count (the estimator's weights live in its own state dict)."""
+        """Optimiser, step counts (the estimator's weights live in its own state dict)."""
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "num_steps": self.num_steps,
+            "steps_taken": self.steps_taken.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (also the older form with a ``scheduler`` entry,
+        from before skipped steps existed, where every call was a step)."""
+        capturable = [group["capturable"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, flag in zip(self.optimizer.param_groups, capturable):
+            group["capturable"] = flag
+            group["lr"] = self.base_lr
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if step is not None and flag:
+                    self.optimizer.state[p]["step"] = step.to(p.device, torch.float32)
         self.num_steps = int(state["num_steps"])
+        taken = state.get("steps_taken", self.num_steps)
+        self.steps_taken = torch.as_tensor(taken, dtype=torch.long).to(self.steps_taken.device)

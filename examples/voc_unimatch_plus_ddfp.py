@@ -19,6 +19,7 @@ Runs as it is on one CPU (the demo), on one GPU, or on many GPUs with torchrun:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -66,18 +67,28 @@ from ddfp_lib import (  # noqa: E402
     DensityDescendingPerturbation,
     FlowDensityEstimator,
     OnlineFlowTrainer,
+    convert_to_dual_bn,
+    perturbed_bn,
     pseudo_labels,
 )
+from ddfp_lib.perturbations.ddfp import HEAD_MODES  # noqa: E402
 
 IGNORE_INDEX = 255
-# Loss weights of UniMatch; a DDFP stream is weighted like UniMatch's FP stream.
-LOSS_WEIGHTS = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5, "ddfp": 0.5}
+# Loss weights of UniMatch; the DDFP stream's is --ddfp-weight.
+LOSS_WEIGHTS = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+LOSS_FORMULA = (
+    "Loss of an iteration: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp + W L_ddfp) / Z, W = "
+    "--ddfp-weight, a stream that does not run counting 0; Z = 2 (UniMatch's) when L_fp or L_ddfp "
+    "runs, 1.5 when neither does (--fp none; --fp ddfp during --flow-burn-in). Supervised mode "
+    "and warm-up epochs: L_x alone."
+)
 
 
 # ----------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="UniMatch + DDFP semi-supervised segmentation with DeepLabV3+.",
+        epilog=LOSS_FORMULA,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -180,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="route perturbed features through auxiliary BatchNorm layers in the head",
     )
+    model.add_argument(
+        "--head-dropout",
+        type=float,
+        default=0.1,
+        help="Dropout2d after each conv of the decoder's fuse block: 0.1 as in the DDFP "
+        "reference decoder; UniMatch's decoder has none (0)",
+    )
 
     method = parser.add_argument_group("method")
     method.add_argument(
@@ -208,9 +226,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "held-out training images)",
     )
     method.add_argument(
+        "--ddfp-weight",
+        type=float,
+        default=0.5,
+        help="weight W of the DDFP stream's loss, next to UniMatch's 0.5 for its dropout FP "
+        "stream (see the loss below)",
+    )
+    method.add_argument(
+        "--ddfp-head-mode",
+        choices=list(HEAD_MODES),
+        default="as_is",
+        help="how the head runs while DDFP takes its gradient: as_is (the reference: Dropout "
+        "on, so the direction is random), batch_stats (Dropout off: deterministic) or "
+        "running_stats (Dropout off, BatchNorm on running statistics: no coupling of pixels)",
+    )
+    method.add_argument(
+        "--ddfp-min-grad-ratio",
+        type=float,
+        default=0.0,
+        help="perturb only pixels whose raw gradient norm is at least this fraction of the "
+        "median over the confident pixels (0: every pixel with a nonzero gradient)",
+    )
+    method.add_argument(
         "--threshold", type=float, default=0.95, help="pseudo-label confidence threshold"
     )
     method.add_argument("--flow-lr", type=float, default=1e-3)
+    method.add_argument(
+        "--flow-burn-in",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs after --warmup-epochs in which every other stream runs and the flow trains "
+        "on the features, but the DDFP stream is held back (the reference trains the flow for "
+        "one epoch before perturbing)",
+    )
     method.add_argument("--flow-samples", type=int, default=20480, help="features per flow step")
     method.add_argument(
         "--flow-hidden", type=int, default=256, help="hidden width of the flow's coupling subnets"
@@ -237,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="labelled images per process (the same number of unlabelled); default 8 "
-        "for demo, 2 otherwise",
+        "for demo, 2 otherwise. The total is this x the number of processes: UniMatch's VOC "
+        "setting is 8 in total (2 per GPU on 4 GPUs; --batch-size 8 on one)",
     )
     optim.add_argument(
         "--lr", type=float, default=None, help="backbone lr (default 1e-3, demo 5e-3)"
@@ -283,7 +333,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    return fill_defaults(args, parser)
+    return check_stream_schedule(fill_defaults(args, parser), parser)
+
+
+def check_stream_schedule(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """Reject a --flow-burn-in without a DDFP stream or one that leaves it no epoch, and
+    out-of-range DDFP options."""
+    if args.flow_burn_in < 0:
+        parser.error(f"--flow-burn-in must be >= 0, got {args.flow_burn_in}")
+    if args.flow_burn_in > 0:
+        if args.fp not in ("ddfp", "both"):
+            parser.error("--flow-burn-in holds back the DDFP stream: it needs --fp ddfp or both")
+        if args.warmup_epochs + args.flow_burn_in >= args.epochs:
+            parser.error(
+                f"--warmup-epochs {args.warmup_epochs} + --flow-burn-in {args.flow_burn_in} "
+                f"leave no epoch of the {args.epochs} for the DDFP stream"
+            )
+    if args.ddfp_min_grad_ratio < 0:
+        parser.error(f"--ddfp-min-grad-ratio must be >= 0, got {args.ddfp_min_grad_ratio}")
+    if not 0.0 <= args.head_dropout < 1.0:
+        parser.error(f"--head-dropout must be in [0, 1), got {args.head_dropout}")
+    return args
 
 
 def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -444,6 +516,7 @@ def build_model(
             aspp_dilations=args.aspp_dilations,
             head_channels=args.head_channels,
             low_reduced=args.low_reduced,
+            head_dropout=args.head_dropout,
         )
 
 
@@ -461,8 +534,6 @@ class UniMatchDDFP(nn.Module):
         self.density_fp = fp in ("ddfp", "both")
         self.aux_bn = aux_bn
         if aux_bn:
-            from ddfp_lib.batchnorm import convert_to_dual_bn
-
             convert_to_dual_bn(model.head)
 
     def forward(self, kind: str, *inputs: Any, **kw: Any):
@@ -470,13 +541,13 @@ class UniMatchDDFP(nn.Module):
             return self.model(inputs[0])
         return self.train_streams(*inputs, **kw)
 
-    def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
-        if self.aux_bn:
-            from ddfp_lib.batchnorm import perturbed_bn
+    def perturbed_branch(self) -> contextlib.AbstractContextManager[Any]:
+        """Where perturbed features go through the head: its auxiliary BatchNorm with --aux-bn."""
+        return perturbed_bn(self.model.head) if self.aux_bn else contextlib.nullcontext()
 
-            with perturbed_bn(self.model.head):
-                return self.model.decode(v)
-        return self.model.decode(v)
+    def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
+        with self.perturbed_branch():
+            return self.model.decode(v)
 
     def train_streams(
         self,
@@ -509,10 +580,12 @@ class UniMatchDDFP(nn.Module):
         }
         if self.dropout_fp:
             out["pred_fp"] = model.upsample(logits[2 * n_x + n_u :], size)
-        if self.density_fp:
+        if self.density_fp and perturbation is not None:
             v_u_w = v[n_x : n_x + n_u]
             mask = confident_mask(out["pred_u_w"], ignore_mask, threshold, v_u_w.shape[-2:])
-            v_ddfp = perturbation(v_u_w, head=perturbation_head, mask=mask)
+            # The direction is taken through the BatchNorm that the perturbed branch then uses.
+            with self.perturbed_branch():
+                v_ddfp = perturbation(v_u_w, head=perturbation_head, mask=mask)
             out["pred_ddfp"] = model.upsample(self.perturbed_decode(v_ddfp), size)
             out["confident_fraction"] = mask.float().mean()
         out["pred_s1"], out["pred_s2"] = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
@@ -545,7 +618,12 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
         stream["flow_trainer"] = OnlineFlowTrainer(
             estimator, lr=args.flow_lr, max_samples=args.flow_samples, total_steps=total_iters
         )
-        stream["perturbation"] = DensityDescendingPerturbation(estimator, eps=args.eps)
+        stream["perturbation"] = DensityDescendingPerturbation(
+            estimator,
+            eps=args.eps,
+            head_mode=args.ddfp_head_mode,
+            min_grad_ratio=args.ddfp_min_grad_ratio,
+        )
         stream["perturbation_head"] = model.head
         return stream
     from ddfp_lib import build_perturbation
@@ -556,6 +634,43 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
         # VAT's KL compares class predictions, so its head runs up to the classifier.
         stream["perturbation_head"] = nn.Sequential(model.head, model.classifier)
     return stream
+
+
+def build_training_state(args, model, streams, spec, total_iters, device) -> dict[str, Any]:
+    """Optimiser, gradient scaler, consistency loss and, with a DDFP stream, its perturbation."""
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    state: dict[str, Any] = {
+        "optimizer": build_optimizer(model, args),
+        "scaler": torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        "amp_dtype": amp_dtype,
+        "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
+        "estimator": None,
+        "flow_trainer": None,
+        "perturbation": None,
+        "perturbation_head": None,
+    }
+    if streams.density_fp:
+        state.update(build_density_stream(args, model, spec, total_iters, device))
+    return state
+
+
+def wrap_distributed(
+    streams: UniMatchDDFP, args: argparse.Namespace, ctx: DistributedContext
+) -> DistributedDataParallel:
+    """DDP around the streams module.
+
+    DDP must be told to look for unused parameters when some iteration leaves one without a
+    gradient: the auxiliary BatchNorm gets one only from the DDFP stream, so it idles in every
+    iteration without it (no DDFP stream, warm-up epochs, flow burn-in). Searching costs a walk of
+    the autograd graph per iteration, so it is switched on only then.
+    """
+    held_back = args.warmup_epochs > 0 or args.flow_burn_in > 0
+    aux_bn_idles = args.aux_bn and (not streams.density_fp or held_back)
+    return DistributedDataParallel(
+        streams,
+        device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=aux_bn_idles,
+    )
 
 
 def build_optimizer(model: DeepLabV3Plus, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -600,10 +715,18 @@ def cutmix_targets(labels, confidence, ignore, labels_mix, confidence_mix, ignor
     )
 
 
-def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[str, torch.Tensor]:
+def loss_normaliser(losses: dict[str, torch.Tensor]) -> float:
+    """UniMatch's 2 when a feature-perturbation stream runs; 1 + 0.25 + 0.25 without one."""
+    return 2.0 if {"fp", "ddfp"} & losses.keys() else 1.5
+
+
+def train_iteration(
+    net, batch, state, args, ctx, warmup: bool = False, burn_in: bool = False
+) -> dict[str, torch.Tensor]:
     """One UniMatch (+ DDFP) iteration: losses, backward, SGD step, then the flow's online step.
 
     ``warmup``: labelled loss only (the unlabelled batches are drawn but not used).
+    ``burn_in``: every stream but DDFP; the flow still takes its step (see --flow-burn-in).
     """
     (img_x, mask_x), u, u_mix = batch
     device = ctx.device
@@ -646,7 +769,7 @@ def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[
                 img_u_s1,
                 img_u_s2,
                 ignore_mask,
-                perturbation=state["perturbation"],
+                perturbation=None if burn_in else state["perturbation"],
                 perturbation_head=state["perturbation_head"],
                 threshold=args.threshold,
             )
@@ -672,9 +795,8 @@ def train_iteration(net, batch, state, args, ctx, warmup: bool = False) -> dict[
                 losses[stream] = consistency(
                     out[f"pred_{stream}"], labels_u_w, confidence=conf_u_w, ignore_mask=ignore_mask
                 )
-        total = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items()) / sum(
-            LOSS_WEIGHTS[k] for k in losses
-        )
+        weights = {**LOSS_WEIGHTS, "ddfp": args.ddfp_weight}
+        total = sum(weights[k] * v for k, v in losses.items()) / loss_normaliser(losses)
 
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
@@ -723,27 +845,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     streams = UniMatchDDFP(model, args.fp, args.aux_bn).to(ctx.device)
-    net: nn.Module = streams
-    if ctx.distributed:
-        net = DistributedDataParallel(
-            streams,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=args.aux_bn and not streams.density_fp,
-        )
-
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    state: dict[str, Any] = {
-        "optimizer": build_optimizer(model, args),
-        "scaler": torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
-        "amp_dtype": amp_dtype,
-        "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
-        "estimator": None,
-        "flow_trainer": None,
-        "perturbation": None,
-        "perturbation_head": None,
-    }
-    if streams.density_fp:
-        state.update(build_density_stream(args, model, spec, total_iters, ctx.device))
+    net: nn.Module = wrap_distributed(streams, args, ctx) if ctx.distributed else streams
+    state = build_training_state(args, model, streams, spec, total_iters, ctx.device)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "iteration": 0, "best_miou": -1.0, "history": []}
     resume_path = (
@@ -790,7 +893,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lr = set_poly_lr(state["optimizer"], args, progress["iteration"], total_iters)
                 tic = time.time()
                 logged = train_iteration(
-                    net, batch, state, args, ctx, warmup=epoch < args.warmup_epochs
+                    net,
+                    batch,
+                    state,
+                    args,
+                    ctx,
+                    warmup=epoch < args.warmup_epochs,
+                    burn_in=epoch < args.warmup_epochs + args.flow_burn_in,
                 )
                 progress["iteration"] += 1
                 progress["step_in_epoch"] += 1

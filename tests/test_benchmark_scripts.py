@@ -380,3 +380,95 @@ def _seen_foreground_accuracy(run: Path, root: Path, lines: list[str]) -> float:
         correct += int((prediction[digits] == mask[digits]).sum())
         total += int(digits.sum())
     return correct / total
+
+
+# ------------------------------------------------------------------------- ddfp_direction_study
+def test_direction_study_plans_every_variant_for_every_seed_on_the_tuning_data(loop, tmp_path):
+    from benchmarks import ddfp_direction_study as study
+
+    args = study.parse_args(["--runs-dir", str(tmp_path)])
+    data_root = tmp_path / "tuning_data"
+    runs = study.plan(args, data_root)
+    assert [(r.seed, r.method) for r in runs] == [
+        (seed, method) for seed in (0, 1, 2) for method in study.LABELS
+    ]
+    assert len({r.out for r in runs}) == len(runs) == 12
+    parsed = {(r.seed, r.method): loop.parse_args(list(r.command[2:])) for r in runs}
+    for (seed, method), a in parsed.items():
+        assert (a.dataset, a.fp, a.seed, a.data_root) == ("demo", "ddfp", seed, data_root)
+        assert (
+            a.num_labeled == args.num_labeled
+            and a.out == tmp_path / method / (f"n{args.num_labeled}") / f"seed{seed}"
+        )
+    variant = {
+        "ddfp_default": ("ddfp", "as_is", 0.0),
+        "ddfp_deterministic": ("ddfp", "batch_stats", 0.0),
+        "ddfp_local": ("ddfp", "as_is", 0.1),
+        "random_direction": ("random_direction", "as_is", 0.0),
+    }
+    own = {"perturbation", "ddfp_head_mode", "ddfp_min_grad_ratio", "out"}
+    for (seed, method), a in parsed.items():
+        assert (a.perturbation, a.ddfp_head_mode, a.ddfp_min_grad_ratio) == variant[method]
+        reference = vars(parsed[(seed, "ddfp_default")])
+        differing = {k for k, v in vars(a).items() if v != reference[k]}
+        assert differing <= own, f"{method} differs from the default in more than its rule"
+    # The budget is ssl_demo's default one, i.e. the loop's own demo command.
+    budget = ssl_demo.StudyBudget()
+    a = parsed[(0, "ddfp_default")]
+    assert (a.epochs, a.iters_per_epoch, a.batch_size) == (
+        budget.epochs,
+        budget.iters_per_epoch,
+        budget.batch_size,
+    )
+
+
+def test_direction_study_arguments_are_checked_and_reach_the_plan(tmp_path):
+    from benchmarks import ddfp_direction_study as study
+
+    args = study.parse_args(
+        [
+            "--methods",
+            "ddfp_local",
+            "--seeds",
+            "4",
+            "--min-grad-ratio",
+            "0.05",
+            "--num-labeled",
+            "30",
+        ]
+    )
+    [run] = study.plan(args, tmp_path)
+    assert run.command[run.command.index("--ddfp-min-grad-ratio") + 1] == "0.05"
+    assert (run.seed, run.num_labeled) == (4, 30)
+    for bad in (
+        ["--min-grad-ratio", "0"],
+        ["--seeds", "1", "1"],
+        ["--methods", "unimatch_dropout"],
+    ):
+        with pytest.raises(SystemExit):
+            study.parse_args(bad)
+
+
+def test_direction_study_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
+    from benchmarks import ddfp_direction_study as study
+
+    results = study.main(["--dry-run", "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert results == {} and len(lines) == 8
+    assert all("--fp ddfp" in line for line in lines)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_aggregate_and_pairs_follow_the_methods_a_study_passes():
+    from benchmarks import ddfp_direction_study as study
+
+    runs = [
+        _run("random_direction", 9, 0, 0.2), _run("ddfp_default", 9, 0, 0.3),
+        _run("ddfp_default", 9, 1, 0.5), _run("random_direction", 9, 1, 0.6),
+    ]  # fmt: skip
+    table = ssl_demo.aggregate(runs, study.LABELS)
+    assert [row["method"] for row in table] == ["ddfp_default", "random_direction"]
+    assert table[0]["label"] == study.LABELS["ddfp_default"]
+    assert table[1]["mean_miou"] == pytest.approx(0.4)
+    [pair] = ssl_demo.paired_differences(runs, study.BASELINE, list(study.LABELS))
+    assert pair["method"] == "random_direction" and pair["difference"] == pytest.approx([-0.1, 0.1])

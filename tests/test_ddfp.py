@@ -260,3 +260,195 @@ def test_bad_chunk_rows_is_rejected(chunk_rows):
         DensityDescendingPerturbation(estimator, chunk_rows=chunk_rows)
     with pytest.raises(ValueError, match="chunk_rows"):
         density_descent_direction(estimator, torch.randn(4, 8), chunk_rows=chunk_rows)
+
+
+# ------------------------------------------------------------------ direction options
+def reference_direction(est, features, head, mask):
+    """The reference computation written out: the head as it is, autograd, per-pixel unit."""
+    leaf = features.detach().clone().requires_grad_(True)
+    h = head(leaf)
+    rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    nll = -est.log_prob(rows) * mask.reshape(-1).float()
+    (g,) = torch.autograd.grad(nll.sum(), leaf)
+    norm = g.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, g / norm, torch.zeros_like(g))
+
+
+def cosine_per_pixel(a, b):
+    return torch.cosine_similarity(a, b, dim=1).flatten()
+
+
+def test_default_direction_is_the_reference_computation_with_the_heads_dropout():
+    import copy
+
+    torch.manual_seed(3)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 6, 6)
+    mask = torch.rand(2, 6, 6) > 0.5
+    rng = torch.get_rng_state()
+    got = density_descent_direction(est, features, head, mask)
+    torch.set_rng_state(rng)
+    expected = reference_direction(est, features, copy.deepcopy(head), mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    again = density_descent_direction(est, features, head, mask)
+    assert cosine_per_pixel(got, again).median() < 0.99, "dropout must make the default random"
+
+
+@pytest.mark.parametrize("head_mode", ["batch_stats", "running_stats"])
+def test_deterministic_head_modes_give_the_same_direction_on_every_call(head_mode):
+    torch.manual_seed(4)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 6, 6)
+    mask = torch.rand(2, 6, 6) > 0.5
+    first = density_descent_direction(est, features, head, mask, head_mode=head_mode)
+    second = density_descent_direction(est, features, head, mask, head_mode=head_mode)
+    cosine = cosine_per_pixel(first, second)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-6)
+    assert all(m.training for m in head.modules()), "the head's modes must come back"
+
+
+def test_batch_stats_mode_equals_the_head_without_dropout_in_training():
+    import copy
+
+    torch.manual_seed(5)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    with torch.no_grad():
+        for layer in head.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.add_(2.0)
+    features = torch.randn(2, 12, 6, 6)
+    mask = torch.rand(2, 6, 6) > 0.5
+    no_dropout = copy.deepcopy(head)
+    for layer in no_dropout.modules():
+        if isinstance(layer, nn.Dropout2d):
+            layer.p = 0.0
+    got = density_descent_direction(est, features, head, mask, head_mode="batch_stats")
+    assert torch.allclose(got, reference_direction(est, features, no_dropout, mask), atol=1e-5)
+    running = density_descent_direction(est, features, head, mask, head_mode="running_stats")
+    evaluated = reference_direction(est, features, copy.deepcopy(head).eval(), mask)
+    assert torch.allclose(running, evaluated, atol=1e-5)
+    assert cosine_per_pixel(got, running).median() < 0.99
+
+
+def test_running_stats_mode_of_an_aux_bn_head_uses_the_auxiliary_running_statistics():
+    import copy
+
+    from ddfp_lib import convert_to_dual_bn, perturbed_bn
+
+    torch.manual_seed(6)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = convert_to_dual_bn(fuse_block()).train()
+    aux_eval = fuse_block()
+    with torch.no_grad():
+        for dual, plain in zip(
+            [m for m in head.modules() if hasattr(m, "aux")],
+            [m for m in aux_eval.modules() if isinstance(m, nn.BatchNorm2d)],
+        ):
+            dual.aux.running_mean.add_(torch.randn_like(dual.aux.running_mean))
+            dual.aux.running_var.mul_(3.0)
+            plain.load_state_dict(dual.aux.state_dict())
+    for target, source in zip(aux_eval, head):
+        if isinstance(target, nn.Conv2d):
+            target.load_state_dict(source.state_dict())
+    features = torch.randn(2, 12, 5, 5)
+    mask = torch.rand(2, 5, 5) > 0.5
+    with perturbed_bn(head):
+        got = density_descent_direction(est, features, head, mask, head_mode="running_stats")
+    expected = reference_direction(est, features, copy.deepcopy(aux_eval).eval(), mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_min_grad_ratio_zeroes_pixels_far_below_the_masked_median():
+    torch.manual_seed(7)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 8, 8)
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[0, :2, :2] = True
+    common = dict(head_mode="batch_stats")
+    plain = density_descent_direction(est, features, head, mask, **common)
+    local = density_descent_direction(est, features, head, mask, min_grad_ratio=0.2, **common)
+    # Independent computation: raw gradient norms, boolean indexing for the median.
+    no_dropout = fuse_block().train()
+    no_dropout.load_state_dict(head.state_dict())
+    for layer in no_dropout.modules():
+        if isinstance(layer, nn.Dropout2d):
+            layer.p = 0.0
+    leaf = features.clone().requires_grad_(True)
+    h = no_dropout(leaf)
+    nll = -est.log_prob(h.permute(0, 2, 3, 1).reshape(-1, 8)) * mask.reshape(-1).float()
+    (g,) = torch.autograd.grad(nll.sum(), leaf)
+    norm = g.norm(dim=1)
+    keep = norm >= 0.2 * norm[mask].median()
+    assert keep.any() and not keep.all()
+    plain_norm, local_norm = plain.norm(dim=1), local.norm(dim=1)
+    assert torch.allclose(plain_norm, torch.ones_like(plain_norm), atol=1e-5), "BN reaches all"
+    assert torch.equal(local_norm == 0, ~keep)
+    assert torch.allclose(
+        local[keep.unsqueeze(1).expand_as(local)], plain[keep.unsqueeze(1).expand_as(plain)]
+    )
+    assert not keep[1].any(), "the image without masked pixels is far from the mask everywhere"
+
+
+def test_min_grad_ratio_with_rows_and_with_a_mask_at_another_resolution():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    rows = torch.randn(40, 8)
+    mask = torch.rand(40) > 0.5
+    g = analytic_nll_gradient64(est, rows).float() * mask[:, None]
+    norm = g.norm(dim=1)
+    keep = norm >= 0.5 * norm[mask].median()
+    got = density_descent_direction(est, rows, mask=mask, min_grad_ratio=0.5)
+    assert torch.equal(got.norm(dim=1) > 0.5, keep)
+    head = nn.Conv2d(8, 8, 2, stride=2)
+    features = torch.randn(1, 8, 6, 6)
+    coarse = torch.zeros(1, 3, 3, dtype=torch.bool)
+    coarse[0, 0, 0] = True
+    out = density_descent_direction(est, features, head, coarse, min_grad_ratio=0.1)
+    assert out.shape == features.shape and torch.isfinite(out).all()
+    assert out[0, :, :2, :2].norm(dim=0).gt(0.99).all() and out[0, :, 2:, 2:].eq(0).all()
+
+
+def test_min_grad_ratio_without_masked_pixels_moves_nothing_and_gives_no_nan():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 4, 4)
+    nothing = torch.zeros(2, 4, 4, dtype=torch.bool)
+    out = density_descent_direction(est, features, head, nothing, min_grad_ratio=0.1)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_direction_options_reach_the_module_and_are_checked():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(est, head_mode="running_stats", min_grad_ratio=0.1)
+    assert "head_mode='running_stats'" in repr(ddfp) and "min_grad_ratio=0.1" in repr(ddfp)
+    head = fuse_block().train()
+    features = torch.randn(2, 12, 4, 4)
+    assert torch.equal(ddfp(features, head=head), ddfp(features, head=head))
+    with pytest.raises(ValueError, match="head_mode"):
+        DensityDescendingPerturbation(est, head_mode="eval")
+    with pytest.raises(ValueError, match="min_grad_ratio"):
+        DensityDescendingPerturbation(est, min_grad_ratio=-0.1)
+    with pytest.raises(ValueError, match="nn.Module"):
+        DensityDescendingPerturbation(est, head_mode="batch_stats")(
+            torch.randn(2, 8, 3, 3), head=lambda x: x
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
+def test_direction_options_have_no_host_device_synchronisation_on_cuda():
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).cuda()
+    ddfp = DensityDescendingPerturbation(est, head_mode="batch_stats", min_grad_ratio=0.1)
+    head = fuse_block().cuda().train()
+    features = torch.randn(2, 12, 6, 6, device="cuda")
+    mask = torch.rand(2, 6, 6, device="cuda") > 0.5
+    ddfp(features, head=head, mask=mask)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ddfp(features, head=head, mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == features.shape

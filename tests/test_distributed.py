@@ -45,8 +45,18 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         initial = {k: v.clone() for k, v in estimator.state_dict().items()}
         for step in range(STEPS):
             trainer.step(*rank_batch(rank, step))
+        final = {k: v.clone() for k, v in estimator.state_dict().items()}
+        # Rank 0 has no valid pixel this time; rank 1 has: both ranks must still step together.
+        features, labels = rank_batch(rank, STEPS)
+        trainer.step(features, torch.full_like(labels, 255) if rank == 0 else labels)
         torch.save(
-            {"initial": initial, "final": estimator.state_dict()}, f"{out_dir}/rank{rank}.pt"
+            {
+                "initial": initial,
+                "final": final,
+                "one_rank_empty": estimator.state_dict(),
+                "steps_taken": int(trainer.steps_taken),
+            },
+            f"{out_dir}/rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
@@ -93,8 +103,9 @@ def single_process_reference(pooled: bool = False) -> dict[str, torch.Tensor]:
         for p, *grads in zip(estimator.parameters(), *per_rank):
             p.grad = sum(grads) / WORLD_SIZE
         nn.utils.clip_grad_norm_(estimator.parameters(), trainer.grad_clip)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 1e-3 * 0.01 ** (step / 10)
         trainer.optimizer.step()
-        trainer.scheduler.step()
     return estimator.state_dict()
 
 
@@ -115,6 +126,13 @@ def test_two_gloo_ranks_keep_identical_flows_equal_to_averaged_per_rank_gradient
         assert torch.allclose(ranks[0]["final"][k], value, atol=1e-6, rtol=1e-5), k
         changed |= not torch.equal(value, rank0_init[k])
     assert changed
+    for k, value in ranks[0]["one_rank_empty"].items():
+        assert torch.equal(ranks[1]["one_rank_empty"][k], value), f"ranks differ in {k}"
+    assert any(
+        not torch.equal(ranks[0]["one_rank_empty"][k], ranks[0]["final"][k])
+        for k in ranks[0]["final"]
+    ), "a step with valid pixels on one rank must be taken by every rank"
+    assert ranks[0]["steps_taken"] == ranks[1]["steps_taken"] == STEPS + 1
     pooled = single_process_reference(pooled=True)
     assert any(
         not torch.allclose(ranks[0]["final"][k], value, atol=1e-6, rtol=1e-5)

@@ -297,3 +297,217 @@ def test_evaluating_more_often_does_not_change_the_training(tiny_voc_root, tmp_p
     assert len(every["progress"]["history"]) == 2 and len(last["progress"]["history"]) == 1
     for key, value in every["model"].items():
         assert torch.equal(value, last["model"][key]), key
+
+
+def one_process_gloo_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'gloo_store'}", rank=0, world_size=1
+    )
+    return dist
+
+
+@pytest.mark.parametrize("fp", ["ddfp", "both"])
+@pytest.mark.parametrize(
+    "held_back,schedule",
+    [
+        (["--warmup-epochs", "1"], [(True, True), (True, True), (False, False), (False, False)]),
+        (["--flow-burn-in", "1"], [(False, True), (False, True), (False, False), (False, False)]),
+    ],
+    ids=["warmup", "flow_burn_in"],
+)
+def test_ddp_with_aux_bn_survives_iterations_without_ddfp_then_trains_every_stream(
+    tiny_voc_root, tmp_path, fp, held_back, schedule
+):
+    module = load_script()
+    args = module.parse_args(
+        tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--aux-bn", "--epochs", "2") + held_back
+    )
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    loaders, _, _ = module.build_loaders(args, ctx)
+    batch = next(zip(loaders["x"], loaders["u"], loaders["u_mix"]))
+    torch.manual_seed(0)
+    model = module.build_model(args, 21, ctx)
+    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
+    dist = one_process_gloo_group(tmp_path)
+    try:
+        net = module.wrap_distributed(streams, args, ctx)
+        state = module.build_training_state(
+            args, model, streams, module.DATASETS["voc"], 4, ctx.device
+        )
+        aux = {k: v.clone() for k, v in model.head.state_dict().items() if ".aux." in k}
+        for warmup, burn_in in schedule:
+            logged = module.train_iteration(
+                net, batch, state, args, ctx, warmup=warmup, burn_in=burn_in
+            )
+            assert torch.isfinite(logged["loss"])
+        assert "loss_ddfp" in logged
+        moved = [
+            k
+            for k, v in model.head.state_dict().items()
+            if ".aux." in k and not torch.equal(v, aux[k])
+        ]
+        assert moved, "the DDFP stream must train the auxiliary BatchNorm after the warm-up"
+    finally:
+        dist.destroy_process_group()
+
+
+class RecordingPerturbation(torch.nn.Module):
+    """Calls a perturbation and keeps its inputs, its output and the RNG state it started from."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, features, head=None, mask=None):
+        rng = torch.get_rng_state()
+        out = self.inner(features, head=head, mask=mask)
+        self.calls.append((features.detach().clone(), mask, rng, out.detach().clone()))
+        return out
+
+
+def test_aux_bn_ddfp_direction_goes_through_the_auxiliary_batchnorm():
+    from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator, perturbed_bn
+    from ddfp_lib.batchnorm import DualBatchNorm2d
+
+    module = load_script()
+    torch.manual_seed(0)
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    args = module.parse_args(["--dataset", "demo", "--backbone", "mobilenet_v2"])
+    model = module.build_model(args, 4, ctx)
+    streams = module.UniMatchDDFP(model, "ddfp", aux_bn=True).train()
+    with torch.no_grad():
+        for layer in model.head.modules():
+            if isinstance(layer, DualBatchNorm2d):
+                layer.aux.weight.mul_(3.0).add_(torch.randn_like(layer.aux.weight))
+                layer.aux.bias.add_(torch.randn_like(layer.aux.bias))
+                layer.aux.running_mean.add_(1.0)
+    estimator = FlowDensityEstimator(model.classifier.in_channels, 4, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(estimator, eps=4.0)
+    recorder = RecordingPerturbation(ddfp)
+    images = [torch.rand(2, 3, 32, 32) for _ in range(4)]
+    streams.train_streams(
+        *images,
+        torch.zeros(2, 32, 32, dtype=torch.long),
+        perturbation=recorder,
+        perturbation_head=model.head,
+        threshold=0.0,
+    )
+    ((features, mask, rng, got),) = recorder.calls
+    assert mask.all()
+
+    def direction(aux):
+        torch.set_rng_state(rng)
+        if aux:
+            with perturbed_bn(model.head):
+                return ddfp(features, head=model.head, mask=mask)
+        return ddfp(features, head=model.head, mask=mask)
+
+    through_aux, through_main = direction(aux=True), direction(aux=False)
+    assert torch.allclose(got, through_aux, atol=1e-5)
+    cosine = torch.cosine_similarity(
+        (got - features).flatten(), (through_main - features).flatten(), dim=0
+    )
+    assert cosine < 0.99, "the main and auxiliary BatchNorm must give different directions here"
+
+
+def expected_total(row, ddfp_weight=0.5):
+    """The documented loss of an iteration from its logged stream losses."""
+    value = {k: float(row[f"loss_{k}"]) if row.get(f"loss_{k}") else 0.0 for k in LOSS_STREAMS}
+    weighted = (
+        value["x"]
+        + 0.25 * value["s1"]
+        + 0.25 * value["s2"]
+        + 0.5 * value["fp"]
+        + ddfp_weight * value["ddfp"]
+    )
+    return weighted / (2.0 if row.get("loss_fp") or row.get("loss_ddfp") else 1.5)
+
+
+LOSS_STREAMS = ("x", "s1", "s2", "fp", "ddfp")
+
+
+@pytest.mark.parametrize(
+    "fp,extra,normaliser",
+    [
+        ("none", [], 1.5),
+        ("dropout", [], 2.0),
+        ("ddfp", [], 2.0),
+        ("both", [], 2.0),
+        ("both", ["--ddfp-weight", "2.0"], 2.0),
+    ],
+)
+def test_total_loss_keeps_unimatch_weights_and_divides_by_two_with_any_fp_stream(
+    tiny_voc_root, tmp_path, fp, extra, normaliser
+):
+    module = load_script()
+    module.main(tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--log-every", "1", *extra))
+    weights = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+    weights["ddfp"] = float(extra[1]) if extra else 0.5
+    for row in read_log(tmp_path):
+        streams = [k for k in LOSS_STREAMS if row.get(f"loss_{k}")]
+        assert ("fp" in streams) == (fp in ("dropout", "both"))
+        assert ("ddfp" in streams) == (fp in ("ddfp", "both"))
+        weighted = sum(weights[k] * float(row[f"loss_{k}"]) for k in streams)
+        total = float(row["loss"])
+        assert total == pytest.approx(weighted / normaliser, rel=1e-5)
+        assert total == pytest.approx(expected_total(row, weights["ddfp"]), rel=1e-5)
+        if fp != "both":
+            # What the loop computed before the DDFP weight was explicit: weights over their sum.
+            assert total == pytest.approx(weighted / sum(weights[k] for k in streams), rel=1e-5)
+
+
+def test_flow_burn_in_trains_the_flow_before_the_ddfp_stream_starts(tiny_voc_root, tmp_path):
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path, "--log-every", "1", "--fp", "ddfp")
+    args[args.index("--epochs") + 1] = "2"
+    initial = module.FlowDensityEstimator(256, 21, seed=0).state_dict()
+    summary = module.main([*args, "--flow-burn-in", "1", "--stop-after", "2"])
+    assert summary["iterations"] == 2
+    rows = read_log(tmp_path)
+    for row in rows:
+        assert row["flow_nll"] != "" and row["loss_s1"] != "" and row.get("loss_ddfp", "") == ""
+        assert float(row["loss"]) == pytest.approx(expected_total(row), rel=1e-5)
+    flow = torch.load(tmp_path / "latest.pt", weights_only=False)["flow"]
+    assert any(not torch.equal(flow[k], initial[k]) for k in initial), "the flow must train"
+    module.main([*args, "--flow-burn-in", "1", "--resume"])
+    rows = read_log(tmp_path)
+    assert [row["epoch"] for row in rows] == ["0", "0", "1", "1"]
+    assert all(row["loss_ddfp"] != "" for row in rows[2:])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--fp", "dropout", "--flow-burn-in", "1"],
+        ["--fp", "ddfp", "--flow-burn-in", "1"],
+        ["--fp", "ddfp", "--epochs", "3", "--warmup-epochs", "1", "--flow-burn-in", "2"],
+        ["--flow-burn-in", "-1"],
+        ["--ddfp-min-grad-ratio", "-0.5"],
+        ["--head-dropout", "1.0"],
+        ["--ddfp-head-mode", "eval"],
+    ],
+)
+def test_bad_stream_schedules_and_ddfp_options_are_rejected(tiny_voc_root, tmp_path, extra):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(tiny_args(tiny_voc_root, tmp_path, *extra))
+
+
+def test_ddfp_direction_and_head_dropout_flags_reach_the_perturbation_and_the_model(
+    tiny_voc_root, tmp_path
+):
+    module = load_script()
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    extra = ["--ddfp-head-mode", "running_stats", "--ddfp-min-grad-ratio", "0.2"]
+    args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, *extra, "--head-dropout", "0"))
+    model = module.build_model(args, 21, ctx)
+    assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout2d)] == [0.0, 0.0]
+    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
+    state = module.build_training_state(args, model, streams, module.DATASETS["voc"], 4, ctx.device)
+    ddfp = state["perturbation"]
+    assert (ddfp.head_mode, ddfp.min_grad_ratio, ddfp.eps) == ("running_stats", 0.2, 4.0)
+    defaults = module.parse_args(tiny_args(tiny_voc_root, tmp_path))
+    assert (defaults.ddfp_head_mode, defaults.ddfp_min_grad_ratio) == ("as_is", 0.0)
+    assert (defaults.head_dropout, defaults.ddfp_weight, defaults.flow_burn_in) == (0.1, 0.5, 0)

@@ -111,3 +111,46 @@ def test_bad_options_raise_value_error():
         ConsistencyLoss()(
             torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), ignore_mask=torch.zeros(1, 3, 3)
         )
+
+
+def test_bool_ignore_mask_true_means_ignored():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 3, 5, generator=g)
+    teacher = 3 * torch.randn(2, 4, 3, 5, generator=g)
+    ignored = torch.rand(2, 3, 5, generator=g) > 0.6
+    assert ignored.any() and not ignored.all()
+    loss = ConsistencyLoss(threshold=0.0)
+    got = loss(logits, teacher, ignore_mask=ignored)
+    expected = hand_loss(logits, teacher, torch.where(ignored, 255, 0), 0.0, "valid")
+    assert abs(got.item() - expected) < 1e-5
+    as_index = loss(logits, teacher, ignore_mask=torch.where(ignored, 255, 0))
+    assert torch.allclose(got, as_index)
+    # Nothing ignored would give a different value: the mask is not dropped.
+    assert abs(loss(logits, teacher).item() - expected) > 1e-3
+
+
+def test_bool_ignore_mask_applies_to_hard_labels_too():
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 1], [2, 1]]])
+    ignored = torch.tensor([[[False, True], [False, False]]])
+    got = consistency_loss(logits, labels, torch.ones(1, 2, 2), ignore_mask=ignored, threshold=0.5)
+    kept = torch.where(ignored, 255, labels)
+    ce = torch.nn.functional.cross_entropy(logits, kept, ignore_index=255, reduction="sum")
+    assert torch.allclose(got, ce / 3)
+
+
+@pytest.mark.parametrize("bad", [3, 7, -1, -5])
+def test_hard_labels_outside_the_classes_raise_value_error_naming_the_value(bad):
+    labels = torch.tensor([[[0, 1], [2, bad]]])
+    with pytest.raises(ValueError, match=f"label {bad}"):
+        consistency_loss(torch.randn(1, 3, 2, 2), labels, confidence=torch.ones(1, 2, 2))
+
+
+def test_labels_of_ignored_pixels_are_not_checked_nor_counted():
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 1], [2, 9]]])
+    ignored = torch.tensor([[[False, False], [False, True]]])
+    got = consistency_loss(logits, labels, torch.ones(1, 2, 2), ignore_mask=ignored)
+    kept = torch.tensor([[[0, 1], [2, 255]]])
+    ce = torch.nn.functional.cross_entropy(logits, kept, ignore_index=255, reduction="sum")
+    assert torch.allclose(got, ce / 3)

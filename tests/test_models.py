@@ -330,3 +330,20 @@ def test_shipped_mobilenet_v2_weights_load_exactly_and_classify_a_cat():
         top1 = classifier_net.classifier(pooled).argmax(dim=1).item()
     imagenet_cats = range(281, 286)
     assert top1 in imagenet_cats
+
+
+def test_builder_head_dropout_defaults_to_the_reference_and_zero_makes_the_head_deterministic():
+    def dropouts(model):
+        return [m.p for m in model.head.modules() if isinstance(m, nn.Dropout2d)]
+
+    with pytest.warns(UserWarning, match="poor"):
+        reference = build_deeplabv3plus("mobilenet_v2", NUM_CLASSES)
+    assert dropouts(reference) == [0.1, 0.1]
+    with pytest.warns(UserWarning, match="poor"):
+        unimatch = build_deeplabv3plus("mobilenet_v2", NUM_CLASSES, head_dropout=0.0)
+    assert dropouts(unimatch) == [0.0, 0.0]
+    unimatch.train()
+    v = torch.randn(2, unimatch.decoder_channels, 5, 5)
+    assert torch.equal(unimatch.head(v), unimatch.head(v))
+    with pytest.raises(ValueError, match="head_dropout"):
+        build_deeplabv3plus("mobilenet_v2", NUM_CLASSES, head_dropout=1.0)

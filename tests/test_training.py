@@ -93,11 +93,80 @@ def test_learning_rate_decays_exponentially_to_the_final_factor():
     trainer = OnlineFlowTrainer(est, lr=1e-3, total_steps=10, final_lr_factor=0.01)
     lrs = []
     for _ in range(12):
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        lrs.append(float(trainer.lr))
         trainer.step(torch.randn(1, 4, 2, 2))
-    assert math.isclose(lrs[0], 1e-3)
-    assert math.isclose(lrs[5], 1e-3 * 0.01**0.5, rel_tol=1e-9)
-    assert math.isclose(lrs[10], 1e-5, rel_tol=1e-9) and math.isclose(lrs[11], 1e-5, rel_tol=1e-9)
+    assert math.isclose(lrs[0], 1e-3, rel_tol=1e-6)
+    assert math.isclose(lrs[5], 1e-3 * 0.01**0.5, rel_tol=1e-6)
+    assert math.isclose(lrs[10], 1e-5, rel_tol=1e-6) and math.isclose(lrs[11], 1e-5, rel_tol=1e-6)
+
+
+def plain_adam_reference(batches, total_steps, lr=1e-3):
+    """The flow trained by torch's Adam with the learning rate set by hand before each step."""
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0)
+    optimizer = torch.optim.Adam(est.parameters(), lr=lr, betas=(0.5, 0.9))
+    for step, (features, labels) in enumerate(batches):
+        rows = features.permute(0, 2, 3, 1).reshape(-1, 4)
+        loss = est.nll(rows, labels.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(est.parameters(), 50.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.01 ** min(step / total_steps, 1.0)
+        optimizer.step()
+    return est
+
+
+def labelled_batches(count):
+    g = torch.Generator().manual_seed(4)
+    return [
+        (torch.randn(2, 4, 3, 3, generator=g), torch.randint(0, 3, (2, 3, 3), generator=g))
+        for _ in range(count)
+    ]
+
+
+def test_steps_follow_adam_with_the_scheduled_learning_rate():
+    batches = labelled_batches(4)
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0)
+    trainer = OnlineFlowTrainer(est, noise_std=0.0, total_steps=3)
+    for batch in batches:
+        trainer.step(*batch)
+    reference = plain_adam_reference(batches, total_steps=3)
+    for p, q in zip(est.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+    assert int(trainer.steps_taken) == 4
+
+
+def test_a_batch_without_valid_pixels_changes_neither_the_flow_nor_the_adam_state():
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0)
+    trainer = OnlineFlowTrainer(est, total_steps=10)
+    for batch in labelled_batches(2):
+        trainer.step(*batch)
+    params = [p.detach().clone() for p in est.parameters()]
+    state = {
+        i: {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+        for i, p in enumerate(est.parameters())
+    }
+    assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
+    loss = trainer.step(torch.randn(2, 4, 3, 3), torch.full((2, 3, 3), 255))
+    assert loss.item() == 0.0
+    for i, p in enumerate(est.parameters()):
+        assert torch.equal(p, params[i])
+        for key, value in trainer.optimizer.state[p].items():
+            assert torch.equal(value, state[i][key]), key
+    assert int(trainer.steps_taken) == 2 and trainer.num_steps == 3
+
+
+def test_skipped_steps_do_not_advance_the_schedule():
+    batches = labelled_batches(3)
+    empty = (torch.randn(1, 4, 3, 3), torch.full((1, 3, 3), 255))
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0)
+    trainer = OnlineFlowTrainer(est, noise_std=0.0, total_steps=3)
+    for batch in [empty, batches[0], empty, empty, batches[1], batches[2]]:
+        trainer.step(*batch)
+    reference = plain_adam_reference(batches, total_steps=3)
+    for p, q in zip(est.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+    assert math.isclose(float(trainer.lr), 1e-5, rel_tol=1e-6)
 
 
 def test_gradients_are_clipped_to_the_given_total_norm():
@@ -134,9 +203,24 @@ def test_trainer_state_round_trip_continues_identically():
     trainer_c.load_state_dict(trainer_b.state_dict())
     for x in data[2:]:
         trainer_c.step(x)
-    assert trainer_c.num_steps == 4
+    assert trainer_c.num_steps == 4 and int(trainer_c.steps_taken) == 4
     for p, q in zip(est_a.parameters(), est_c.parameters()):
         assert torch.allclose(p, q, atol=1e-7)
+
+
+def test_trainer_state_saved_with_a_scheduler_entry_still_loads():
+    est = FlowDensityEstimator(4, 2, hidden_dim=8, seed=0)
+    trainer = OnlineFlowTrainer(est, total_steps=20)
+    trainer.step(torch.randn(1, 4, 3, 3))
+    older = trainer.state_dict()
+    del older["steps_taken"]
+    older["optimizer"]["param_groups"][0]["lr"] = 5e-4
+    older["scheduler"] = {"last_epoch": 1}
+    restored = OnlineFlowTrainer(FlowDensityEstimator(4, 2, hidden_dim=8, seed=0), total_steps=20)
+    restored.load_state_dict(older)
+    assert int(restored.steps_taken) == 1 and restored.num_steps == 1
+    assert restored.optimizer.param_groups[0]["lr"] == 1e-3
+    assert math.isclose(float(restored.lr), float(trainer.lr), rel_tol=1e-6)
 
 
 def test_bad_trainer_arguments_raise_value_error():
@@ -151,3 +235,22 @@ def test_bad_trainer_arguments_raise_value_error():
         OnlineFlowTrainer(est).step(torch.randn(1, 5, 2, 2))
     with pytest.raises(ValueError, match="sync_gradients=True"):
         OnlineFlowTrainer(est, sync_gradients=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
+def test_steps_and_skipped_steps_have_no_host_device_synchronisation_on_cuda():
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0).cuda()
+    trainer = OnlineFlowTrainer(est, total_steps=10)
+    features = torch.randn(2, 4, 3, 3, device="cuda")
+    labels = torch.randint(0, 3, (2, 3, 3), device="cuda")
+    trainer.step(features, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.step(features, labels)
+        params = [p.detach().clone() for p in est.parameters()]
+        trainer.step(features, torch.full_like(labels, 255))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(p, q) for p, q in zip(est.parameters(), params))
+    assert int(trainer.steps_taken) == 2

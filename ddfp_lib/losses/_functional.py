@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_tracing
+
 __all__ = ["consistency_loss", "pseudo_labels"]
 
 NORMALIZATIONS = ("valid", "confident")
@@ -40,9 +42,12 @@ def consistency_loss(
         logits: student prediction.
         target: teacher logits (softmax gives confidence and pseudo-label; no gradient flows into
             them), or hard labels with ``confidence`` given. Hard labels equal to ``ignore_index``
-            are ignored.
+            are ignored; any other label outside ``[0, K)`` on a pixel that is not ignored raises
+            ValueError on the CPU (on an accelerator the check is a device-side assertion, so the
+            host never waits for the device).
         confidence: per-pixel confidence of hard labels.
-        ignore_mask: pixels equal to ``ignore_index`` are ignored (padding).
+        ignore_mask: which pixels to ignore (padding): a bool mask is True where a pixel is
+            ignored; any other dtype marks ignored pixels with the value ``ignore_index``.
         threshold: minimum confidence of a counted pixel.
         ignore_index: the value marking ignored pixels.
         normalization: "valid" or "confident".
@@ -84,16 +89,44 @@ def consistency_loss(
             )
         labels = target.long()
         valid = labels != ignore_index
-        labels = torch.where(valid, labels, torch.zeros_like(labels))
         confidence = confidence.detach().float()
     if ignore_mask is not None:
         if tuple(ignore_mask.shape) != pixel_shape:
             raise ValueError(
                 f"ignore_mask has shape {tuple(ignore_mask.shape)}, expected {pixel_shape}"
             )
-        valid = valid & (ignore_mask != ignore_index)
+        if ignore_mask.dtype == torch.bool:
+            valid = valid & ~ignore_mask
+        else:
+            valid = valid & (ignore_mask != ignore_index)
+    if not target.is_floating_point():
+        _check_label_range(labels, valid, logits.shape[1], ignore_index)
+        labels = torch.where(valid, labels, torch.zeros_like(labels))
     per_pixel = F.cross_entropy(logits.float(), labels, reduction="none")
     counted = valid & (confidence >= threshold)
     total = (per_pixel * counted).sum()
     denominator = valid.sum() if normalization == "valid" else counted.sum()
     return total / denominator.clamp_min(1)
+
+
+def _check_label_range(
+    labels: torch.Tensor, valid: torch.Tensor, num_classes: int, ignore_index: int
+) -> None:
+    """Reject a label outside ``[0, num_classes)`` on a valid pixel.
+
+    One reduction decides; only when it fails are the bad values read. On an accelerator (and while
+    tracing) it is a device-side assertion instead of a ValueError, so the host never waits.
+    """
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if labels.device.type != "cpu" or is_tracing():
+        if labels.device.type != "cpu" and hasattr(torch, "_assert_async"):
+            torch._assert_async(
+                ~bad.any(), f"hard labels outside [0, {num_classes}) and not ignore_index"
+            )
+        return
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"hard label {value} is neither a class in [0, {num_classes}) "
+            f"nor ignore_index={ignore_index}"
+        )

@@ -19,14 +19,16 @@ class ConsistencyLoss(nn.Module):
 
     Args:
         threshold: minimum teacher confidence of a counted pixel.
-        ignore_index: value marking ignored pixels in ``ignore_mask`` (and in hard labels).
+        ignore_index: value marking ignored pixels in an integer ``ignore_mask`` (and in hard
+            labels). A bool ``ignore_mask`` is True where a pixel is ignored. A hard label outside
+            ``[0, K)`` that is neither ``ignore_index`` nor on an ignored pixel raises ValueError.
         normalization: "valid" (UniMatch) or "confident" (reference DDFP).
 
     Shape:
         - logits: ``(B, K, H, W)``
         - target: teacher logits ``(B, K, H, W)``, or hard labels ``(B, H, W)`` long with
           ``confidence`` ``(B, H, W)``
-        - ignore_mask: ``(B, H, W)``
+        - ignore_mask: ``(B, H, W)``, bool (True = ignored) or integer (``ignore_index`` = ignored)
         - output: scalar
 
     References:

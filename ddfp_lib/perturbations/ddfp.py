@@ -4,17 +4,41 @@
 
 The perturbed features ``features + delta`` lie lower on the learned feature density; the classifier
 is then trained to keep its prediction for them.
+
+Two options shape the direction; their defaults leave it as the reference computes it:
+
+- ``head_mode``: the head's Dropout makes the direction random (in training, two calls on the same
+  input agree with a median per-pixel cosine of about 0.6-0.8 for DeepLabV3+'s fuse block), and
+  BatchNorm on batch statistics couples every pixel of the batch to every other. ``"batch_stats"``
+  switches Dropout off for the gradient pass; ``"running_stats"`` also makes BatchNorm use its
+  running statistics, so each pixel's gradient comes from its own receptive field only.
+- ``min_grad_ratio``: per-pixel normalisation lifts every nonzero gradient to the full ``eps``,
+  also where it is tiny (pixels far from the mask, reached only through BatchNorm's batch
+  statistics, have about 1/50 of the masked pixels' gradient norm). With a ratio ``r > 0`` only
+  pixels whose gradient norm is at least ``r`` times the median over the masked pixels move.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from .._checks import RowLayout, check_mask, check_positive
 from ..density import FlowDensityEstimator
 from .base import FeaturePerturbation, Head, call_head_without_side_effects, per_pixel_unit
+from .noise import mask_at_feature_resolution
 
-__all__ = ["DensityDescendingPerturbation", "density_descent_direction"]
+__all__ = ["HEAD_MODES", "DensityDescendingPerturbation", "density_descent_direction"]
+
+#: How the head runs in the gradient pass: as it is ("as_is"), without Dropout and with BatchNorm
+#: on batch statistics ("batch_stats"), or without Dropout and with BatchNorm on running statistics
+#: ("running_stats").
+HEAD_MODES = ("as_is", "batch_stats", "running_stats")
 
 
 def density_descent_direction(
@@ -23,6 +47,8 @@ def density_descent_direction(
     head: Head | None = None,
     mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    head_mode: str = "as_is",
+    min_grad_ratio: float = 0.0,
 ) -> torch.Tensor:
     """Per-pixel unit direction in which the summed NLL of the masked pixels grows fastest.
 
@@ -42,6 +68,13 @@ def density_descent_direction(
         head: maps features to the estimator's space; None if they already are there.
         mask: bool, the head-output pixels whose NLL counts; None = all.
         chunk_rows: rows per flow evaluation, or None for a single evaluation of all rows.
+        head_mode: one of :data:`HEAD_MODES`; how the head's Dropout and BatchNorm layers run in
+            the gradient pass ("as_is": as the head's own mode sets them). The head's modes are
+            restored afterwards. Other modes need ``head`` to be an ``nn.Module`` (or None).
+        min_grad_ratio: 0 keeps every pixel with a nonzero gradient. ``r > 0``: the direction is
+            zero wherever the gradient norm is below ``r`` times the median gradient norm over the
+            masked pixels of the whole batch (over all pixels without a mask; a mask at another
+            resolution than the features is resized to theirs with nearest-neighbour sampling).
 
     Shape:
         - features: ``(B, C, H, W)`` or ``(N, C)``; head output ``(B, D, H', W')`` or ``(N, D)``
@@ -49,7 +82,9 @@ def density_descent_direction(
         - returns: shape of ``features``, float32, unit or zero norm per pixel
     """
     _check_chunk_rows(chunk_rows)
-    with torch.enable_grad():
+    _check_head_mode(head_mode, head)
+    _check_min_grad_ratio(min_grad_ratio)
+    with torch.enable_grad(), _head_in_mode(head, head_mode):
         leaf = features.detach().requires_grad_(True)
         mapped = call_head_without_side_effects(head, leaf)
         layout = RowLayout(mapped, estimator.dim, "head output" if head is not None else "features")
@@ -70,7 +105,73 @@ def density_descent_direction(
             row_mask = None if mask is None else layout.values_to_rows(mask)
             row_gradient = _chunked_nll_gradient(estimator, rows.detach(), row_mask, chunk_rows)
             (gradient,) = torch.autograd.grad(rows, leaf, row_gradient.to(rows.dtype))
-    return per_pixel_unit(gradient.float(), channel_dim=1)
+    direction = per_pixel_unit(gradient.float(), channel_dim=1)
+    if min_grad_ratio > 0:
+        direction = direction * _large_gradient(gradient.float(), mask, min_grad_ratio)
+    return direction
+
+
+def _large_gradient(
+    gradient: torch.Tensor, mask: torch.Tensor | None, ratio: float
+) -> torch.Tensor:
+    """Per pixel (broadcasting over channels): gradient norm >= ratio x median over the mask.
+
+    The median (the lower one for an even count, as ``torch.median``) is read from a sort of all
+    pixels with the unmasked ones placed last, at an index computed on the device: nothing is read
+    on the host (``torch.nanmedian`` reads its NaN count there on CUDA). Without masked pixels the
+    median is infinite and no pixel moves.
+    """
+    norm = torch.linalg.vector_norm(gradient, dim=1, keepdim=True)
+    flat = norm.flatten()
+    if mask is None:
+        inside = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        inside = mask_at_feature_resolution(mask, gradient).flatten()
+    ordered = torch.sort(torch.where(inside, flat, torch.full_like(flat, float("inf")))).values
+    middle = (inside.sum() - 1).clamp(min=0) // 2
+    median = ordered.gather(0, middle.reshape(1))
+    return (norm >= ratio * median).to(gradient.dtype)
+
+
+def _check_head_mode(head_mode: str, head: Head | None) -> str:
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    if head_mode != "as_is" and head is not None and not isinstance(head, nn.Module):
+        raise ValueError(
+            f"head_mode={head_mode!r} switches the head's Dropout and BatchNorm layers, so the "
+            f"head must be an nn.Module, got {type(head).__name__}"
+        )
+    return head_mode
+
+
+def _check_min_grad_ratio(min_grad_ratio: float) -> float:
+    value = float(min_grad_ratio)
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"min_grad_ratio must be a finite number >= 0, got {min_grad_ratio!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _head_in_mode(head: Head | None, head_mode: str) -> Iterator[None]:
+    """Switch the head's Dropout layers off (and its BatchNorm layers to the chosen statistics)
+    for the duration of the block; every layer's own mode comes back afterwards."""
+    if head_mode == "as_is" or not isinstance(head, nn.Module):
+        yield
+        return
+    wanted: dict[nn.Module, bool] = {}
+    for layer in head.modules():
+        if isinstance(layer, _DropoutNd):
+            wanted[layer] = False
+        elif isinstance(layer, _BatchNorm):
+            wanted[layer] = head_mode == "batch_stats"
+    previous = {layer: layer.training for layer in wanted}
+    try:
+        for layer, training in wanted.items():
+            layer.training = training
+        yield
+    finally:
+        for layer, training in previous.items():
+            layer.training = training
 
 
 def _check_chunk_rows(chunk_rows: int | None) -> int | None:
@@ -122,6 +223,14 @@ class DensityDescendingPerturbation(FeaturePerturbation):
             host-device synchronisation. An integer evaluates only the masked pixels, that many at
             a time (see :func:`density_descent_direction`): same result, less memory, and faster
             on CPU when the mask is sparse; on CUDA it reads the mask count on the host.
+        head_mode: how the head runs in the gradient pass, one of :data:`HEAD_MODES`: "as_is"
+            (default, the reference: Dropout active in training, so the direction is random),
+            "batch_stats" (no Dropout: a deterministic direction) or "running_stats" (no Dropout,
+            BatchNorm on running statistics: deterministic, and each pixel's gradient comes from
+            its own receptive field only).
+        min_grad_ratio: 0 (default) moves every pixel with a nonzero gradient by ``eps``. ``r > 0``
+            moves only pixels whose gradient norm is at least ``r`` times the median over the
+            masked pixels; the others get ``delta = 0``. No host-device synchronisation.
 
     Shape:
         - features: ``(B, C, H, W)`` or ``(N, C)``
@@ -143,7 +252,12 @@ class DensityDescendingPerturbation(FeaturePerturbation):
     """
 
     def __init__(
-        self, estimator: FlowDensityEstimator, eps: float = 4.0, chunk_rows: int | None = None
+        self,
+        estimator: FlowDensityEstimator,
+        eps: float = 4.0,
+        chunk_rows: int | None = None,
+        head_mode: str = "as_is",
+        min_grad_ratio: float = 0.0,
     ):
         super().__init__()
         if not isinstance(estimator, FlowDensityEstimator):
@@ -153,10 +267,16 @@ class DensityDescendingPerturbation(FeaturePerturbation):
         self.estimator = estimator
         self.eps = check_positive(eps, "eps")
         self.chunk_rows = _check_chunk_rows(chunk_rows)
+        self.head_mode = _check_head_mode(head_mode, None)
+        self.min_grad_ratio = _check_min_grad_ratio(min_grad_ratio)
 
     def extra_repr(self) -> str:
-        chunk = "" if self.chunk_rows is None else f", chunk_rows={self.chunk_rows}"
-        return f"eps={self.eps}{chunk}"
+        options = "" if self.chunk_rows is None else f", chunk_rows={self.chunk_rows}"
+        if self.head_mode != "as_is":
+            options += f", head_mode={self.head_mode!r}"
+        if self.min_grad_ratio > 0:
+            options += f", min_grad_ratio={self.min_grad_ratio}"
+        return f"eps={self.eps}{options}"
 
     def perturb(
         self,
@@ -165,6 +285,14 @@ class DensityDescendingPerturbation(FeaturePerturbation):
         mask: torch.Tensor | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        direction = density_descent_direction(self.estimator, features, head, mask, self.chunk_rows)
+        direction = density_descent_direction(
+            self.estimator,
+            features,
+            head,
+            mask,
+            self.chunk_rows,
+            head_mode=self.head_mode,
+            min_grad_ratio=self.min_grad_ratio,
+        )
         delta = (self.eps * direction).to(features.dtype)
         return features + delta

@@ -243,6 +243,7 @@ def build_deeplabv3plus(
     aspp_dilations: Sequence[int] | None = None,
     head_channels: int = 256,
     low_reduced: int = 48,
+    head_dropout: float = 0.1,
 ) -> DeepLabV3Plus:
     """Build DeepLabV3+ on a named backbone, loading local ImageNet weights when given.
 
@@ -259,6 +260,8 @@ def build_deeplabv3plus(
             (the rates follow the size of the feature map).
         head_channels: width of the ASPP output and of the fuse block (256 in DeepLabV3+).
         low_reduced: channels the low-level features are reduced to (48 in DeepLabV3+).
+        head_dropout: Dropout2d probability after each conv of the fuse block ``head``: 0.1 as in
+            the DDFP reference decoder; UniMatch's decoder has none (0).
 
     Returns:
         The model, in training mode.
@@ -269,6 +272,8 @@ def build_deeplabv3plus(
     """
     if backbone not in BACKBONE_NAMES:
         raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone!r}")
+    if not 0.0 <= head_dropout < 1.0:
+        raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
     checkpoint = None if backbone_weights is None else read_backbone_checkpoint(backbone_weights)
 
     encoder: ResNetBackbone | MobileNetV2Backbone
@@ -306,4 +311,5 @@ def build_deeplabv3plus(
         aspp_dilations=aspp_dilations,
         low_reduced=low_reduced,
         head_channels=head_channels,
+        head_dropout=head_dropout,
     )
