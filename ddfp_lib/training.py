@@ -81,7 +81,7 @@ class OnlineFlowTrainer:
     """One Adam step of the flow's NLL per segmentation iteration, on a sample of the batch's features.
 
     Args:
-        estimator: the FlowDensityEstimator to train (kept in float32).
+        estimator: the FlowDensityEstimator to train (float32; float64 for exact checks).
         lr: Adam learning rate.
         betas: Adam betas.
         max_samples: at most this many feature rows enter one step (uniformly drawn among valid rows).
@@ -206,7 +206,7 @@ class OnlineFlowTrainer:
             )
             for f, y in zip(feature_list, label_list)
         ]
-        rows = torch.cat([p[0] for p in pieces]).float()
+        rows = torch.cat([p[0] for p in pieces]).to(self.estimator.compute_dtype)
         row_labels = torch.cat([p[1] for p in pieces])
         valid = torch.cat([p[2] for p in pieces])
         if rows.shape[1] != self.estimator.dim:
