@@ -40,10 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddfp_examples.datasets import (  # noqa: E402
     DATASETS,
     SemiSegDataset,
+    check_no_validation_images,
     draw_labeled_split,
     read_split_file,
     scan_cityscapes_layout,
     scan_voc_layout,
+    without_validation_images,
 )
 from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
 from ddfp_examples.metrics import IoUMeter, evaluate, format_iou_table  # noqa: E402
@@ -328,8 +330,11 @@ def dataset_lines(
         if args.unlabeled_list is None:
             raise ValueError("--labeled-list needs --unlabeled-list")
         unlabeled = read_split_file(args.unlabeled_list)
+        check_no_validation_images(labeled, val_lines, f"--labeled-list {args.labeled_list}")
+        check_no_validation_images(unlabeled, val_lines, f"--unlabeled-list {args.unlabeled_list}")
     else:
-        labeled, unlabeled = draw_labeled_split(train_lines, args.num_labeled, args.seed)
+        pool = without_validation_images(train_lines, val_lines)
+        labeled, unlabeled = draw_labeled_split(pool, args.num_labeled, args.seed)
     return Path(root), labeled, unlabeled, val_lines
 
 

@@ -14,11 +14,14 @@ from ddfp_examples.datasets import (
     DEMO_CLASSES,
     VOC_CLASSES,
     SemiSegDataset,
+    check_no_validation_images,
     draw_labeled_split,
     parse_split_line,
     read_split_file,
     scan_cityscapes_layout,
     scan_voc_layout,
+    split_image,
+    without_validation_images,
     write_split_file,
 )
 from ddfp_examples.transforms import (
@@ -121,6 +124,29 @@ def test_scan_voc_layout_lists_only_images_with_a_mask(tiny_voc_root: Path, tmp_
     assert len(lines) == 11
     assert "JPEGImages/2007_000004.jpg SegmentationClass/2007_000004.png" not in lines
     assert lines == sorted(lines)
+
+
+def test_split_image_is_the_same_for_a_bare_id_a_full_line_and_a_dotted_path() -> None:
+    image = "JPEGImages/2007_000032.jpg"
+    assert split_image("2007_000032") == image
+    assert split_image("JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png") == image
+    assert split_image("./JPEGImages//2007_000032.jpg") == image
+    assert split_image("JPEGImages/2007_000033.jpg") != image
+
+
+def test_without_validation_images_keeps_the_order_of_the_rest_and_refuses_an_empty_pool() -> None:
+    lines = [f"JPEGImages/{n}.jpg SegmentationClass/{n}.png" for n in ("c", "a", "d", "b")]
+    val = ["a", "JPEGImages/b.jpg SegmentationClass/b.png", "JPEGImages/z.jpg"]
+    assert without_validation_images(lines, val) == [lines[0], lines[2]]
+    assert without_validation_images(lines, []) == lines
+    with pytest.raises(ValueError, match="all 4 training images are in the validation split"):
+        without_validation_images(lines, [*val, "c", "d"])
+
+
+def test_check_no_validation_images_counts_the_shared_images_and_names_the_first() -> None:
+    check_no_validation_images(["JPEGImages/a.jpg"], ["JPEGImages/b.jpg"], "train.txt")
+    with pytest.raises(ValueError, match=r"train\.txt shares 2 image\(s\).*first: JPEGImages/b"):
+        check_no_validation_images(["a", "b", "c"], ["c", "JPEGImages/b.jpg x.png"], "train.txt")
 
 
 def test_scan_voc_layout_missing_root_names_the_path(tmp_path: Path) -> None:

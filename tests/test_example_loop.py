@@ -169,13 +169,13 @@ def test_mask_with_labels_outside_the_classes_is_a_clear_error(tiny_voc_root, tm
     root = tmp_path / "bad"
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
-    Image.new("RGB", (40, 40)).save(root / "JPEGImages" / "a.jpg")
-    Image.new("L", (40, 40), 30).save(root / "SegmentationClass" / "a.png")
+    for stem in ("a", "b"):
+        Image.new("RGB", (40, 40)).save(root / "JPEGImages" / f"{stem}.jpg")
+        Image.new("L", (40, 40), 30).save(root / "SegmentationClass" / f"{stem}.png")
     line = "JPEGImages/a.jpg SegmentationClass/a.png"
-    for name in ("train_l.txt", "train_u.txt", "val.txt"):
-        (root / name).write_text(
-            line + "\n" + line + "\n" if name == "train_u.txt" else line + "\n"
-        )
+    (root / "train_l.txt").write_text(line + "\n")
+    (root / "train_u.txt").write_text(line + "\n" + line + "\n")
+    (root / "val.txt").write_text("JPEGImages/b.jpg SegmentationClass/b.png\n")
     module = load_script()
     with pytest.raises(ValueError, match="30"):
         module.main(tiny_args(root, tmp_path / "o", "--mode", "supervised"))
@@ -229,8 +229,13 @@ def test_supervised_epoch_matches_the_semi_epoch_or_passes_over_a_larger_labelle
     for mode in ("semi", "supervised"):
         args = _without_iteration_cap(tiny_args(tiny_voc_root, tmp_path / mode, "--mode", mode))
         assert module.main(args)["iterations"] == 3
-    # Every training image labelled (6 of them, none unlabelled): a supervised pass over them.
-    lines = (tiny_voc_root / "train_l.txt").read_text() + (tiny_voc_root / "val.txt").read_text()
+    # Every training image labelled (the 3 labelled and the 3 unlabelled lines that have a mask,
+    # none unlabelled): a supervised pass over them.
+    with_mask = [
+        line for line in (tiny_voc_root / "train_u.txt").read_text().split("\n") if " " in line
+    ]
+    lines = (tiny_voc_root / "train_l.txt").read_text() + "\n".join(with_mask) + "\n"
+    assert len(lines.split()) == 12, "6 lines of image and mask"
     (tmp_path / "all.txt").write_text(lines)
     (tmp_path / "none.txt").write_text("")
     args = _without_iteration_cap(
@@ -297,3 +302,37 @@ def test_evaluating_more_often_does_not_change_the_training(tiny_voc_root, tmp_p
     assert len(every["progress"]["history"]) == 2 and len(last["progress"]["history"]) == 1
     for key, value in every["model"].items():
         assert torch.equal(value, last["model"][key]), key
+
+
+def test_drawn_splits_never_hold_a_validation_image_from_the_same_folders(tiny_voc_root, tmp_path):
+    module = load_script()
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    val_images = {line.split()[0] for line in (tiny_voc_root / "val.txt").read_text().splitlines()}
+    # The validation images have masks and sit in JPEGImages/SegmentationClass with the rest.
+    assert all((tiny_voc_root / image).is_file() for image in val_images) and len(val_images) == 3
+    for seed in range(5):
+        args = module.parse_args(
+            ["--dataset", "voc", "--data-root", str(tiny_voc_root), "--num-labeled", "3",
+             "--val-list", str(tiny_voc_root / "val.txt"), "--seed", str(seed),
+             "--out", str(tmp_path)]
+        )  # fmt: skip
+        _, labeled, unlabeled, val_lines = module.dataset_lines(args, ctx)
+        drawn = {line.split()[0] for line in labeled + unlabeled}
+        assert len(labeled) == 3 and len(drawn) == 12 - 3
+        assert not drawn & val_images
+
+
+@pytest.mark.parametrize("overlapping", ["--labeled-list", "--unlabeled-list"])
+def test_given_split_that_overlaps_the_validation_list_is_a_clear_error(
+    tiny_voc_root, tmp_path, overlapping
+):
+    module = load_script()
+    val_line = (tiny_voc_root / "val.txt").read_text().split("\n")[1]
+    args = tiny_args(tiny_voc_root, tmp_path / "run")
+    given = Path(args[args.index(overlapping) + 1])
+    # The same image written as a bare VOC id still counts as the validation image.
+    bare_id = Path(val_line.split()[0]).stem
+    (tmp_path / "with_val.txt").write_text(given.read_text() + bare_id + "\n")
+    args[args.index(overlapping) + 1] = str(tmp_path / "with_val.txt")
+    with pytest.raises(ValueError, match=f"{overlapping}.*shares 1 image.*{bare_id}"):
+        module.main(args)

@@ -27,12 +27,16 @@ __all__ = [
     "read_split_file",
     "write_split_file",
     "draw_labeled_split",
+    "split_image",
+    "without_validation_images",
+    "check_no_validation_images",
     "scan_voc_layout",
     "scan_cityscapes_layout",
     "SemiSegDataset",
 ]
 
 import os
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -239,6 +243,65 @@ def draw_labeled_split(
     labeled = [line for line, flag in zip(lines, is_labeled) if flag]
     unlabeled = [line for line, flag in zip(lines, is_labeled) if not flag]
     return labeled, unlabeled
+
+
+def split_image(line: str) -> str:
+    """The image a split line names, as a normalised relative path (a bare VOC id expanded).
+
+    Args:
+        line: a split line.
+
+    Returns:
+        e.g. ``"JPEGImages/2007_000032.jpg"`` for ``"2007_000032"`` and for
+        ``"./JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png"``.
+    """
+    return posixpath.normpath(parse_split_line(line).image)
+
+
+def without_validation_images(lines: Sequence[str], val_lines: Sequence[str]) -> list[str]:
+    """The training pool: ``lines`` minus every line whose image the validation split names.
+
+    In Pascal VOC (and any folder in its layout) the validation images have masks and sit in the
+    same folders as the training images, so a pool scanned from the folders holds them too.
+
+    Args:
+        lines: candidate training lines.
+        val_lines: the validation split.
+
+    Returns:
+        The lines of ``lines`` whose image is not in ``val_lines``, in their order.
+
+    Raises:
+        ValueError: every line is a validation image.
+    """
+    val_images = {split_image(line) for line in val_lines}
+    pool = [line for line in lines if split_image(line) not in val_images]
+    if lines and not pool:
+        raise ValueError(
+            f"all {len(lines)} training images are in the validation split: nothing is left to train on"
+        )
+    return pool
+
+
+def check_no_validation_images(lines: Sequence[str], val_lines: Sequence[str], name: str) -> None:
+    """Raise if a training split names an image of the validation split.
+
+    Args:
+        lines: a labelled or unlabelled split.
+        val_lines: the validation split.
+        name: how the message refers to ``lines`` (e.g. its file).
+
+    Raises:
+        ValueError: the splits share images; the message counts them and names the first.
+    """
+    val_images = {split_image(line) for line in val_lines}
+    shared = [image for image in map(split_image, lines) if image in val_images]
+    if shared:
+        raise ValueError(
+            f"{name} shares {len(shared)} image(s) with the validation split (first: {shared[0]}): "
+            "training on validation images would inflate the reported mIoU; remove them from one "
+            "of the two lists"
+        )
 
 
 def _existing_root(root: PathLike) -> Path:
