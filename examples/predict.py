@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ddfp_examples.datasets import DATASETS, DatasetSpec  # noqa: E402
+from ddfp_examples.datasets import CUSTOM, DATASETS, DatasetSpec, spec_from_run_args  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
 
 from ddfp_lib import FlowDensityEstimator  # noqa: E402
@@ -100,11 +100,12 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
             f"and 'args', found {found}"
         )
     args = dict(checkpoint["args"])
-    if args.get("dataset") not in DATASETS:
+    if args.get("dataset") not in (*DATASETS, CUSTOM):
         raise ValueError(
-            f"{path}: unknown dataset {args.get('dataset')!r}; expected one of {sorted(DATASETS)}"
+            f"{path}: unknown dataset {args.get('dataset')!r}; expected one of "
+            f"{[*sorted(DATASETS), CUSTOM]}"
         )
-    spec = DATASETS[args["dataset"]]
+    spec = spec_from_run_args(args)
     with warnings.catch_warnings():
         # The backbone is left random on purpose: the checkpoint overwrites every weight.
         warnings.simplefilter("ignore")

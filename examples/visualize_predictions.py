@@ -81,7 +81,10 @@ def validation_samples(
         lines = scan_cityscapes_layout(root, "val")
     else:
         raise ValueError("the checkpoint names no validation list: pass --split")
-    return SemiSegDataset(root, lines, "val", crop_size=None, num_classes=trained.spec.num_classes)
+    spec = trained.spec
+    return SemiSegDataset(
+        root, lines, "val", None, spec.num_classes, ignore_index=spec.ignore_index
+    )
 
 
 def analyse_image(

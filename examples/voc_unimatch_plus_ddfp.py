@@ -38,13 +38,19 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddfp_examples.datasets import (  # noqa: E402
+    CUSTOM,
     DATASETS,
+    EVAL_MODES,
+    DatasetSpec,
     SemiSegDataset,
     check_no_validation_images,
+    dataset_spec,
     draw_labeled_split,
+    read_class_names,
     read_split_file,
     scan_cityscapes_layout,
     scan_voc_layout,
+    spec_from_run_args,
     without_validation_images,
 )
 from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
@@ -85,9 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
-        choices=sorted(DATASETS),
+        choices=[*sorted(DATASETS), CUSTOM],
         default="demo",
-        help="demo = built-in digit scenes (generated on first use)",
+        help="demo = built-in digit scenes (generated on first use); custom = a Pascal VOC layout "
+        "with your own classes (--num-classes or --class-names)",
     )
     data.add_argument(
         "--data-root",
@@ -114,6 +121,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument(
         "--crop-size", type=int, default=None, help="training crop (default per dataset)"
+    )
+    data.add_argument(
+        "--num-classes", type=int, default=None, help="classes 0..K-1 (default per dataset)"
+    )
+    data.add_argument(
+        "--class-names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="one name per class, or a text file of one name a line (default per dataset; "
+        "class_0.. for a new --num-classes)",
+    )
+    data.add_argument(
+        "--ignore-index",
+        type=int,
+        default=None,
+        help="mask value meaning 'ignore' in your masks, in K..255 (default 255)",
+    )
+    data.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips; --no-hflip where flipping changes the labels "
+        "(default per dataset)",
+    )
+    data.add_argument(
+        "--eval-mode",
+        choices=EVAL_MODES,
+        default=None,
+        help="full images at once, or crop-sized sliding windows (default per dataset)",
     )
     data.add_argument(
         "--resize-range",
@@ -255,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    spec = DATASETS[args.dataset]
+    spec = resolve_dataset_spec(args, parser)
     demo = args.dataset == "demo"
     args.backbone = (
         ("mobilenet_v2" if demo else "resnet101") if args.backbone == "auto" else args.backbone
@@ -294,6 +331,31 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return args
 
 
+def resolve_dataset_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DatasetSpec:
+    """The dataset's spec with the flags applied; writes every field back to ``args`` (so that
+    ``args.json`` and checkpoints describe the classes of the run)."""
+    try:
+        spec = dataset_spec(
+            args.dataset,
+            num_classes=args.num_classes,
+            class_names=read_class_names(args.class_names) if args.class_names else None,
+            ignore_index=args.ignore_index,
+            hflip=args.hflip,
+            crop_size=args.crop_size,
+            eval_mode=args.eval_mode,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    args.num_classes, args.class_names = spec.num_classes, list(spec.class_names)
+    args.ignore_index, args.hflip, args.eval_mode = spec.ignore_index, spec.hflip, spec.eval_mode
+    return spec
+
+
+def run_spec(args: argparse.Namespace) -> DatasetSpec:
+    """The spec of this run, from its resolved arguments."""
+    return spec_from_run_args(vars(args))
+
+
 # ----------------------------------------------------------------------------------------- data
 def dataset_lines(
     args: argparse.Namespace, ctx: DistributedContext
@@ -323,7 +385,7 @@ def dataset_lines(
         else:
             train_lines = scan_voc_layout(root) if args.labeled_list is None else []
             if args.val_list is None:
-                raise ValueError("--val-list is required for --dataset voc")
+                raise ValueError(f"--val-list is required for --dataset {args.dataset}")
             val_lines = read_split_file(args.val_list)
     if args.labeled_list is not None:
         labeled = read_split_file(args.labeled_list)
@@ -339,13 +401,14 @@ def dataset_lines(
 
 
 def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     root, labeled, unlabeled, val_lines = dataset_lines(args, ctx)
     common = dict(
         crop_size=args.crop_size,
         num_classes=spec.num_classes,
         hflip=spec.hflip,
         ratio_range=args.resize_range,
+        ignore_index=spec.ignore_index,
     )
     if not unlabeled and args.mode == "semi":
         raise ValueError(
@@ -354,7 +417,14 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
         )
     # UniMatch repeats the labelled list so that one pass over it lasts as long as the unlabelled one.
     train_l = SemiSegDataset(root, labeled, "train_l", min_length=len(unlabeled), **common)
-    val = SemiSegDataset(root, val_lines, "val", crop_size=None, num_classes=spec.num_classes)
+    val = SemiSegDataset(
+        root,
+        val_lines,
+        "val",
+        crop_size=None,
+        num_classes=spec.num_classes,
+        ignore_index=spec.ignore_index,
+    )
 
     def loader(dataset, stream: int) -> DataLoader:
         sampler = EpochSampler(len(dataset), args.seed, stream, True, ctx.world_size, ctx.rank)
@@ -661,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     out_dir = args.out
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -788,6 +858,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_miou": progress["best_miou"],
         "final_miou": progress["history"][-1]["miou"] if progress["history"] else None,
         "final_scores": progress["history"][-1].get("extra", {}) if progress["history"] else {},
+        "final_iou_per_class": (
+            dict(zip(spec.class_names, progress["history"][-1]["iou"]))
+            if progress["history"]
+            else {}
+        ),
         "seconds": elapsed(),
         "stopped_early": stopped,
     }
@@ -866,7 +941,7 @@ def foreground_scores(meter: IoUMeter, spec) -> dict[str, float]:
 
 def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None:
     miou = meter.miou()
-    scores = foreground_scores(meter, DATASETS[args.dataset])
+    scores = foreground_scores(meter, run_spec(args))
     progress["history"].append(
         {
             "epoch": progress["epoch"],
@@ -888,7 +963,7 @@ def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None
 
 
 def summary_table(progress, args) -> str:
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     last = progress["history"][-1]
     title = (
         f"{args.dataset} | mode={args.mode} fp={args.fp} | {progress['iteration']} iterations | "
