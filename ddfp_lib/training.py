@@ -43,7 +43,8 @@ def feature_rows_and_labels(
         labels: label map at any resolution, or None.
         num_classes: K.
         ignore_index: label of pixels that are left out.
-        sync_free: check label values with a device-side assertion instead of raising on the host.
+        sync_free: on CUDA, check label values with a device-side assertion instead of raising on
+            the host (other devices have none and raise).
 
     Shape:
         - features: ``(B, D, h, w)``; labels: ``(B, H, W)``
@@ -65,7 +66,7 @@ def feature_rows_and_labels(
     row_labels = labels.reshape(-1).long().to(rows.device)
     valid = row_labels != ignore_index
     in_range = (row_labels >= UNKNOWN_CLASS) & (row_labels < num_classes)
-    if sync_free and row_labels.device.type != "cpu":
+    if sync_free and row_labels.device.type == "cuda":
         torch._assert_async((in_range | ~valid).all(), "labels outside [-1, K) and not ignored")
     elif not bool((in_range | ~valid).all()):
         bad = row_labels[~in_range & valid]

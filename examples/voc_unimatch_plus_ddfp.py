@@ -57,16 +57,22 @@ from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
 from ddfp_examples.metrics import IoUMeter, evaluate, format_iou_table  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
 from ddfp_examples.runtime import (  # noqa: E402
+    DEVICES,
     CsvLog,
     DistributedContext,
     EpochSampler,
     SeededItems,
     StopRequest,
+    amp_dtype,
+    ddp_device_ids,
+    grad_scaler,
     load_checkpoint,
+    pin_memory,
     rng_state,
     save_checkpoint,
     set_rng_state,
     setup_distributed,
+    uses_sync_batchnorm,
 )
 
 from ddfp_lib import (  # noqa: E402
@@ -285,7 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto = cuda, else mps, else cpu"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return fill_defaults(args, parser)
@@ -433,7 +441,7 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
             batch_size=args.batch_size,
             sampler=sampler,
             num_workers=args.workers,
-            pin_memory=ctx.device.type == "cuda",
+            pin_memory=pin_memory(ctx.device),
             persistent_workers=args.workers > 0,
             drop_last=True,
             # Worker seeds from a private generator keep the global RNG stream resumable.
@@ -749,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_iters = iters_per_epoch * args.epochs
 
     model = build_model(args, spec.num_classes, ctx)
-    if ctx.distributed and ctx.device.type == "cuda":
+    if uses_sync_batchnorm(ctx):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     streams = UniMatchDDFP(model, args.fp, args.aux_bn).to(ctx.device)
@@ -757,15 +765,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ctx.distributed:
         net = DistributedDataParallel(
             streams,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            device_ids=ddp_device_ids(ctx.device),
             find_unused_parameters=args.aux_bn and not streams.density_fp,
         )
 
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     state: dict[str, Any] = {
         "optimizer": build_optimizer(model, args),
-        "scaler": torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
-        "amp_dtype": amp_dtype,
+        "scaler": grad_scaler(args.amp, ctx.device),
+        "amp_dtype": amp_dtype(args.amp, ctx.device),
         "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
         "estimator": None,
         "flow_trainer": None,
@@ -917,7 +924,6 @@ def report(logged, lr, tic, bar, log, progress, args, ctx) -> None:
 
 def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
     module = net.module if isinstance(net, DistributedDataParallel) else net
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     return evaluate(
         module.model,
         val_loader,
@@ -925,7 +931,7 @@ def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
         ctx.device,
         mode=spec.eval_mode,
         window=args.crop_size,
-        amp_dtype=amp_dtype,
+        amp_dtype=amp_dtype(args.amp, ctx.device),
     )
 
 

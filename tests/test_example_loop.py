@@ -50,6 +50,11 @@ def read_log(out):
             ["--fp", "both", "--amp", "bf16"],
             {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"},
         ),
+        # fp16 runs the gradient scaler, here the CPU's: the same code path as on CUDA or MPS.
+        (
+            ["--fp", "both", "--amp", "fp16"],
+            {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"},
+        ),
         (["--fp", "ddfp", "--aux-bn"], {"loss_x", "loss_s1", "loss_ddfp", "flow_nll"}),
         (
             ["--fp", "ddfp", "--perturbation", "random_direction"],
