@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddfp_examples.datasets import CUSTOM, DATASETS, DatasetSpec, spec_from_run_args  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
+from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
 
 from ddfp_lib import FlowDensityEstimator  # noqa: E402
 
@@ -224,11 +225,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "--mode", choices=["full", "sliding"], default=None, help="default: the dataset's own"
     )
     parser.add_argument("--window", type=int, default=None, help="default: the training crop")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto = cuda, else mps, else cpu"
+    )
     args = parser.parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = select_device(args.device)
     trained = load_trained_model(args.checkpoint, device)
     written = predict_folder(trained, args.images, args.out, args.mode, args.window, device)
     print(f"wrote {len(written)} palette PNGs to {args.out}")
