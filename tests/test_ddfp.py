@@ -160,6 +160,7 @@ def test_compiled_call_matches_eager():
     assert torch.allclose(compiled(features, mask), eager, atol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
 def test_no_host_device_synchronisation_on_cuda():
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).cuda()
