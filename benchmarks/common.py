@@ -48,6 +48,7 @@ __all__ = [
     "matmul_throughput",
     "measure_peak_memory",
     "peak_rss_bytes",
+    "require_device",
     "reset_peak_rss",
     "run_worker",
     "synchronize",
@@ -126,9 +127,26 @@ def fuse_block(in_channels: int = 304, channels: int = 256, dropout: float = 0.1
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued work on ``device`` (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
+    """Wait for queued work on ``device``: CUDA or MPS (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def require_device(name: str) -> torch.device:
+    """``torch.device(name)`` for "cpu", "cuda" or "mps", or SystemExit when it is not there."""
+    device = torch.device(name)
+    mps = getattr(torch.backends, "mps", None)
+    present = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": mps is not None and mps.is_available(),
+    }
+    if not present.get(device.type, False):
+        raise SystemExit(f"--device {name} was asked for, but torch sees no such device")
+    return device
 
 
 def time_call(
@@ -143,7 +161,7 @@ def time_call(
         fn: the work, taking no argument; its result is dropped before the next call.
         repeats: timed calls (>= 1).
         warmup: untimed calls first (caches, lazy initialisation, allocator growth).
-        device: synchronised around each call when it is a CUDA device.
+        device: synchronised around each call when it is a CUDA or MPS device.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -226,6 +244,8 @@ def measure_peak_memory(
     CPU: peak RSS growth (``VmHWM`` after a reset, minus RSS before); call this on the first call of
     a fresh process for a faithful number, since freed heap memory is reused without growing RSS.
     CUDA: ``max_memory_allocated`` growth over ``memory_allocated`` before the call.
+    MPS, which keeps no peak: growth of the allocator's pool (``driver_allocated_memory``), emptied
+    before the call; the pool keeps what the call's peak made it take.
 
     Returns:
         ``{"peak_mib", "baseline_mib", "method"}``; ``peak_mib`` is the growth.
@@ -239,6 +259,14 @@ def measure_peak_memory(
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         method = "torch.cuda.max_memory_allocated - memory_allocated before"
+    elif device.type == "mps":
+        synchronize(device)
+        torch.mps.empty_cache()
+        baseline = torch.mps.driver_allocated_memory()
+        fn()
+        synchronize(device)
+        peak = torch.mps.driver_allocated_memory()
+        method = "torch.mps.driver_allocated_memory after - before (pool emptied before)"
     else:
         exact = reset_peak_rss()
         baseline = current_rss_bytes()
@@ -309,6 +337,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
+    if torch.device(device).type == "mps":
+        info["mps_device"] = platform.machine()
     return info
 
 

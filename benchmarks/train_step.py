@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
     Timing,
+    require_device,
     synchronize,
     write_results,
 )
@@ -69,6 +70,7 @@ IGNORE_INDEX = 255
 DEVICE_DEFAULTS: dict[str, tuple[str, int, int]] = {
     "cuda": ("resnet101", 321, 4),
     "cpu": ("resnet50", 129, 4),
+    "mps": ("resnet50", 129, 4),
 }
 
 
@@ -401,14 +403,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
     parser.add_argument(
         "--backbone",
         choices=["resnet50", "resnet101", "mobilenet_v2"],
         default=None,
-        help="default: resnet101 on cuda, resnet50 on cpu",
+        help="default: resnet101 on cuda, resnet50 on cpu and mps",
     )
-    parser.add_argument("--crop-size", type=int, default=None, help="default: 321 cuda, 129 cpu")
+    parser.add_argument(
+        "--crop-size", type=int, default=None, help="default: 321 cuda, 129 cpu and mps"
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -475,11 +479,9 @@ def format_table(results: dict[str, Any], overhead: dict[str, dict[str, float]])
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write its JSON and return what was written under ``"results"``."""
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    device = require_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     loop = load_loop()
     steps = [
         build_step(loop, fp, args.backbone, args.crop_size, args.batch_size, device, args.threshold)

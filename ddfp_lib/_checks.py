@@ -49,11 +49,12 @@ def check_positive(value: float, name: str) -> float:
 def check_finite(x: torch.Tensor, name: str, sync_free: bool = False) -> None:
     """Reject NaN or Inf in ``x``.
 
-    On the CPU, and whenever ``sync_free`` is False, a ValueError is raised. With ``sync_free`` on an
-    accelerator the check is a device-side assertion, so the host never waits for the device.
+    A ValueError is raised, except with ``sync_free`` on CUDA, where the check is a device-side
+    assertion so that the host never waits for the device, and with ``sync_free`` while tracing.
+    Other accelerators (MPS) have no device-side assertion and get the ValueError too.
     """
-    if sync_free and (x.device.type != "cpu" or is_tracing()):
-        if x.device.type != "cpu" and hasattr(torch, "_assert_async"):
+    if sync_free and (x.device.type == "cuda" or is_tracing()):
+        if x.device.type == "cuda":
             torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf")
         return
     if not bool(torch.isfinite(x).all()):

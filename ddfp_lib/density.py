@@ -24,6 +24,8 @@ __all__ = ["FlowDensityEstimator", "UNKNOWN_CLASS"]
 #: Label of a row whose class is unknown: its density is the whole mixture.
 UNKNOWN_CLASS = -1
 
+_COMPUTE_DTYPES = {torch.float32, torch.float64}
+
 
 class FlowDensityEstimator(nn.Module):
     """Density of segmentation features: Glow coupling flow + per-class Gaussian-mixture prior.
@@ -32,7 +34,10 @@ class FlowDensityEstimator(nn.Module):
     ``[0, K)`` uses its own component ``N(f(x); mu_y, I)`` instead of the mixture.
 
     Fresh estimators are exactly their fixed permutations: the last layer of every coupling subnet
-    starts at zero. All computation runs in float32, also under ``torch.autocast``.
+    starts at zero. The flow and the prior compute in the dtype of the estimator's parameters:
+    float32 by default, also under ``torch.autocast`` and for half-precision inputs, or float64
+    after ``.double()`` (for gradient checks and exact comparisons). Half-precision parameters
+    (``.half()``, ``.bfloat16()``) are refused: autocast already gives the mixed precision.
 
     Args:
         dim: feature size D (256 for DeepLabV3+'s fuse block).
@@ -87,6 +92,23 @@ class FlowDensityEstimator(nn.Module):
         """The mixture means ``(K, D)``."""
         return self.prior.means
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the parameters, in which the flow and the prior compute.
+
+        Raises:
+            ValueError: the parameters are not all float32 or all float64.
+        """
+        dtypes = {t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()}
+        if len(dtypes) == 1 and dtypes <= _COMPUTE_DTYPES:
+            return dtypes.pop()
+        found = ", ".join(sorted(str(dtype) for dtype in dtypes))
+        raise ValueError(
+            f"FlowDensityEstimator parameters are {found}; keep the estimator in float32 (or "
+            "float64 for exact checks). For mixed precision run the segmenter under "
+            "torch.autocast: the estimator computes in float32 inside it."
+        )
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_classes={self.num_classes}"
 
@@ -101,12 +123,13 @@ class FlowDensityEstimator(nn.Module):
         """Map latents back to features (layout of ``z``)."""
         layout = RowLayout(z, self.dim, "z")
         check_finite(z, "z")
+        dtype = self.compute_dtype
         with autocast_off(z.device.type):
-            x, _ = self.flow.inverse(layout.to_rows(z).float())
+            x, _ = self.flow.inverse(layout.to_rows(z).to(dtype))
         return layout.from_rows(x)
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 log-density of every row of ``x``.
+        """Log-density of every row of ``x``, in float32 (float64 for a float64 estimator).
 
         Args:
             x: features.
@@ -128,9 +151,11 @@ class FlowDensityEstimator(nn.Module):
         return self.nll(x, labels) / (self.dim * math.log(2.0))
 
     def transform_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow on rows without input checks: ``(N, D)`` -> ``z (N, D)``, ``log_det (N,)`` in float32."""
+        """Flow on rows without input checks: ``(N, D)`` -> ``z (N, D)``, ``log_det (N,)``, both in
+        :attr:`compute_dtype` whatever the dtype of ``rows`` and the autocast state."""
+        dtype = self.compute_dtype
         with autocast_off(rows.device.type):
-            return self.flow(rows.float())
+            return self.flow(rows.to(dtype))
 
     def log_prob_rows(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``log p`` of rows ``(N, D)`` without input checks, for callers that validated already

@@ -47,7 +47,8 @@ def feature_rows_and_labels(
         labels: label map at any resolution, or None.
         num_classes: K.
         ignore_index: label of pixels that are left out.
-        sync_free: check label values with a device-side assertion instead of raising on the host.
+        sync_free: on CUDA, check label values with a device-side assertion instead of raising on
+            the host (other devices have none and raise).
 
     Shape:
         - features: ``(B, D, h, w)``; labels: ``(B, H, W)``
@@ -69,7 +70,7 @@ def feature_rows_and_labels(
     row_labels = labels.reshape(-1).long().to(rows.device)
     valid = row_labels != ignore_index
     in_range = (row_labels >= UNKNOWN_CLASS) & (row_labels < num_classes)
-    if sync_free and row_labels.device.type != "cpu":
+    if sync_free and row_labels.device.type == "cuda":
         torch._assert_async((in_range | ~valid).all(), "labels outside [-1, K) and not ignored")
     elif not bool((in_range | ~valid).all()):
         bad = row_labels[~in_range & valid]
@@ -90,7 +91,7 @@ class OnlineFlowTrainer:
     synchronisation) the steps taken; the decision is made on the device.
 
     Args:
-        estimator: the FlowDensityEstimator to train (kept in float32).
+        estimator: the FlowDensityEstimator to train (float32; float64 for exact checks).
         lr: Adam learning rate.
         betas: Adam betas.
         max_samples: at most this many feature rows enter one step (uniformly drawn among valid rows).
@@ -235,7 +236,7 @@ class OnlineFlowTrainer:
             )
             for f, y in zip(feature_list, label_list)
         ]
-        rows = torch.cat([p[0] for p in pieces]).float()
+        rows = torch.cat([p[0] for p in pieces]).to(self.estimator.compute_dtype)
         row_labels = torch.cat([p[1] for p in pieces])
         valid = torch.cat([p[2] for p in pieces])
         if rows.shape[1] != self.estimator.dim:

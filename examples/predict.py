@@ -24,8 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ddfp_examples.datasets import DATASETS, DatasetSpec  # noqa: E402
+from ddfp_examples.datasets import CUSTOM, DATASETS, DatasetSpec, spec_from_run_args  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
+from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
 
 from ddfp_lib import FlowDensityEstimator  # noqa: E402
 
@@ -100,11 +101,12 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
             f"and 'args', found {found}"
         )
     args = dict(checkpoint["args"])
-    if args.get("dataset") not in DATASETS:
+    if args.get("dataset") not in (*DATASETS, CUSTOM):
         raise ValueError(
-            f"{path}: unknown dataset {args.get('dataset')!r}; expected one of {sorted(DATASETS)}"
+            f"{path}: unknown dataset {args.get('dataset')!r}; expected one of "
+            f"{[*sorted(DATASETS), CUSTOM]}"
         )
-    spec = DATASETS[args["dataset"]]
+    spec = spec_from_run_args(args)
     with warnings.catch_warnings():
         # The backbone is left random on purpose: the checkpoint overwrites every weight.
         warnings.simplefilter("ignore")
@@ -223,11 +225,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "--mode", choices=["full", "sliding"], default=None, help="default: the dataset's own"
     )
     parser.add_argument("--window", type=int, default=None, help="default: the training crop")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto = cuda, else mps, else cpu"
+    )
     args = parser.parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = select_device(args.device)
     trained = load_trained_model(args.checkpoint, device)
     written = predict_folder(trained, args.images, args.out, args.mode, args.window, device)
     print(f"wrote {len(written)} palette PNGs to {args.out}")

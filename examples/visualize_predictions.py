@@ -33,6 +33,7 @@ from ddfp_examples.datasets import (  # noqa: E402
     read_split_file,
     scan_cityscapes_layout,
 )
+from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
 from ddfp_examples.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from predict import TrainedModel, load_trained_model, voc_palette  # noqa: E402
 
@@ -81,7 +82,10 @@ def validation_samples(
         lines = scan_cityscapes_layout(root, "val")
     else:
         raise ValueError("the checkpoint names no validation list: pass --split")
-    return SemiSegDataset(root, lines, "val", crop_size=None, num_classes=trained.spec.num_classes)
+    spec = trained.spec
+    return SemiSegDataset(
+        root, lines, "val", None, spec.num_classes, ignore_index=spec.ignore_index
+    )
 
 
 def analyse_image(
@@ -276,11 +280,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--split", type=Path, default=None, help="default: the run's val list")
     parser.add_argument("--threshold", type=float, default=None, help="default: the run's")
     parser.add_argument("--eps", type=float, default=None, help="default: the run's")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto = cuda, else mps, else cpu"
+    )
     args = parser.parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = select_device(args.device)
     result = visualize(
         args.checkpoint,
         args.out,

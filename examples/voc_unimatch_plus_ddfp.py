@@ -39,27 +39,41 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddfp_examples.datasets import (  # noqa: E402
+    CUSTOM,
     DATASETS,
+    EVAL_MODES,
+    DatasetSpec,
     SemiSegDataset,
+    check_no_validation_images,
+    dataset_spec,
     draw_labeled_split,
+    read_class_names,
     read_split_file,
     scan_cityscapes_layout,
     scan_voc_layout,
+    spec_from_run_args,
+    without_validation_images,
 )
 from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
 from ddfp_examples.metrics import IoUMeter, evaluate, format_iou_table  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
 from ddfp_examples.runtime import (  # noqa: E402
+    DEVICES,
     CsvLog,
     DistributedContext,
     EpochSampler,
     SeededItems,
     StopRequest,
+    amp_dtype,
+    ddp_device_ids,
+    grad_scaler,
     load_checkpoint,
+    pin_memory,
     rng_state,
     save_checkpoint,
     set_rng_state,
     setup_distributed,
+    uses_sync_batchnorm,
 )
 
 from ddfp_lib import (  # noqa: E402
@@ -94,9 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
-        choices=sorted(DATASETS),
+        choices=[*sorted(DATASETS), CUSTOM],
         default="demo",
-        help="demo = built-in digit scenes (generated on first use)",
+        help="demo = built-in digit scenes (generated on first use); custom = a Pascal VOC layout "
+        "with your own classes (--num-classes or --class-names)",
     )
     data.add_argument(
         "--data-root",
@@ -123,6 +138,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument(
         "--crop-size", type=int, default=None, help="training crop (default per dataset)"
+    )
+    data.add_argument(
+        "--num-classes", type=int, default=None, help="classes 0..K-1 (default per dataset)"
+    )
+    data.add_argument(
+        "--class-names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="one name per class, or a text file of one name a line (default per dataset; "
+        "class_0.. for a new --num-classes)",
+    )
+    data.add_argument(
+        "--ignore-index",
+        type=int,
+        default=None,
+        help="mask value meaning 'ignore' in your masks, in K..255 (default 255)",
+    )
+    data.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips; --no-hflip where flipping changes the labels "
+        "(default per dataset)",
+    )
+    data.add_argument(
+        "--eval-mode",
+        choices=EVAL_MODES,
+        default=None,
+        help="full images at once, or crop-sized sliding windows (default per dataset)",
     )
     data.add_argument(
         "--resize-range",
@@ -330,7 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto = cuda, else mps, else cpu"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return check_stream_schedule(fill_defaults(args, parser), parser)
@@ -359,7 +406,7 @@ def check_stream_schedule(
 
 
 def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    spec = DATASETS[args.dataset]
+    spec = resolve_dataset_spec(args, parser)
     demo = args.dataset == "demo"
     args.backbone = (
         ("mobilenet_v2" if demo else "resnet101") if args.backbone == "auto" else args.backbone
@@ -398,6 +445,31 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return args
 
 
+def resolve_dataset_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DatasetSpec:
+    """The dataset's spec with the flags applied; writes every field back to ``args`` (so that
+    ``args.json`` and checkpoints describe the classes of the run)."""
+    try:
+        spec = dataset_spec(
+            args.dataset,
+            num_classes=args.num_classes,
+            class_names=read_class_names(args.class_names) if args.class_names else None,
+            ignore_index=args.ignore_index,
+            hflip=args.hflip,
+            crop_size=args.crop_size,
+            eval_mode=args.eval_mode,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    args.num_classes, args.class_names = spec.num_classes, list(spec.class_names)
+    args.ignore_index, args.hflip, args.eval_mode = spec.ignore_index, spec.hflip, spec.eval_mode
+    return spec
+
+
+def run_spec(args: argparse.Namespace) -> DatasetSpec:
+    """The spec of this run, from its resolved arguments."""
+    return spec_from_run_args(vars(args))
+
+
 # ----------------------------------------------------------------------------------------- data
 def dataset_lines(
     args: argparse.Namespace, ctx: DistributedContext
@@ -427,26 +499,30 @@ def dataset_lines(
         else:
             train_lines = scan_voc_layout(root) if args.labeled_list is None else []
             if args.val_list is None:
-                raise ValueError("--val-list is required for --dataset voc")
+                raise ValueError(f"--val-list is required for --dataset {args.dataset}")
             val_lines = read_split_file(args.val_list)
     if args.labeled_list is not None:
         labeled = read_split_file(args.labeled_list)
         if args.unlabeled_list is None:
             raise ValueError("--labeled-list needs --unlabeled-list")
         unlabeled = read_split_file(args.unlabeled_list)
+        check_no_validation_images(labeled, val_lines, f"--labeled-list {args.labeled_list}")
+        check_no_validation_images(unlabeled, val_lines, f"--unlabeled-list {args.unlabeled_list}")
     else:
-        labeled, unlabeled = draw_labeled_split(train_lines, args.num_labeled, args.seed)
+        pool = without_validation_images(train_lines, val_lines)
+        labeled, unlabeled = draw_labeled_split(pool, args.num_labeled, args.seed)
     return Path(root), labeled, unlabeled, val_lines
 
 
 def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     root, labeled, unlabeled, val_lines = dataset_lines(args, ctx)
     common = dict(
         crop_size=args.crop_size,
         num_classes=spec.num_classes,
         hflip=spec.hflip,
         ratio_range=args.resize_range,
+        ignore_index=spec.ignore_index,
     )
     if not unlabeled and args.mode == "semi":
         raise ValueError(
@@ -455,7 +531,14 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
         )
     # UniMatch repeats the labelled list so that one pass over it lasts as long as the unlabelled one.
     train_l = SemiSegDataset(root, labeled, "train_l", min_length=len(unlabeled), **common)
-    val = SemiSegDataset(root, val_lines, "val", crop_size=None, num_classes=spec.num_classes)
+    val = SemiSegDataset(
+        root,
+        val_lines,
+        "val",
+        crop_size=None,
+        num_classes=spec.num_classes,
+        ignore_index=spec.ignore_index,
+    )
 
     def loader(dataset, stream: int) -> DataLoader:
         sampler = EpochSampler(len(dataset), args.seed, stream, True, ctx.world_size, ctx.rank)
@@ -464,7 +547,7 @@ def build_loaders(args: argparse.Namespace, ctx: DistributedContext):
             batch_size=args.batch_size,
             sampler=sampler,
             num_workers=args.workers,
-            pin_memory=ctx.device.type == "cuda",
+            pin_memory=pin_memory(ctx.device),
             persistent_workers=args.workers > 0,
             drop_last=True,
             # Worker seeds from a private generator keep the global RNG stream resumable.
@@ -638,11 +721,10 @@ def build_density_stream(args, model, spec, total_iters, device) -> dict[str, An
 
 def build_training_state(args, model, streams, spec, total_iters, device) -> dict[str, Any]:
     """Optimiser, gradient scaler, consistency loss and, with a DDFP stream, its perturbation."""
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     state: dict[str, Any] = {
         "optimizer": build_optimizer(model, args),
-        "scaler": torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-        "amp_dtype": amp_dtype,
+        "scaler": grad_scaler(args.amp, device),
+        "amp_dtype": amp_dtype(args.amp, device),
         "consistency": ConsistencyLoss(threshold=args.threshold, ignore_index=IGNORE_INDEX),
         "estimator": None,
         "flow_trainer": None,
@@ -668,7 +750,7 @@ def wrap_distributed(
     aux_bn_idles = args.aux_bn and (not streams.density_fp or held_back)
     return DistributedDataParallel(
         streams,
-        device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+        device_ids=ddp_device_ids(ctx.device),
         find_unused_parameters=aux_bn_idles,
     )
 
@@ -823,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     out_dir = args.out
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -841,7 +923,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_iters = iters_per_epoch * args.epochs
 
     model = build_model(args, spec.num_classes, ctx)
-    if ctx.distributed and ctx.device.type == "cuda":
+    if uses_sync_batchnorm(ctx):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     streams = UniMatchDDFP(model, args.fp, args.aux_bn).to(ctx.device)
@@ -937,6 +1019,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_miou": progress["best_miou"],
         "final_miou": progress["history"][-1]["miou"] if progress["history"] else None,
         "final_scores": progress["history"][-1].get("extra", {}) if progress["history"] else {},
+        "final_iou_per_class": (
+            dict(zip(spec.class_names, progress["history"][-1]["iou"]))
+            if progress["history"]
+            else {}
+        ),
         "seconds": elapsed(),
         "stopped_early": stopped,
     }
@@ -991,7 +1078,6 @@ def report(logged, lr, tic, bar, log, progress, args, ctx) -> None:
 
 def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
     module = net.module if isinstance(net, DistributedDataParallel) else net
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     return evaluate(
         module.model,
         val_loader,
@@ -999,7 +1085,7 @@ def run_evaluation(net, val_loader, spec, args, ctx) -> IoUMeter:
         ctx.device,
         mode=spec.eval_mode,
         window=args.crop_size,
-        amp_dtype=amp_dtype,
+        amp_dtype=amp_dtype(args.amp, ctx.device),
     )
 
 
@@ -1015,7 +1101,7 @@ def foreground_scores(meter: IoUMeter, spec) -> dict[str, float]:
 
 def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None:
     miou = meter.miou()
-    scores = foreground_scores(meter, DATASETS[args.dataset])
+    scores = foreground_scores(meter, run_spec(args))
     progress["history"].append(
         {
             "epoch": progress["epoch"],
@@ -1037,7 +1123,7 @@ def record_evaluation(meter, progress, model, state, args, ctx, out_dir) -> None
 
 
 def summary_table(progress, args) -> str:
-    spec = DATASETS[args.dataset]
+    spec = run_spec(args)
     last = progress["history"][-1]
     title = (
         f"{args.dataset} | mode={args.mode} fp={args.fp} | {progress['iteration']} iterations | "

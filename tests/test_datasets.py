@@ -10,15 +10,22 @@ import pytest
 import torch
 from ddfp_examples.datasets import (
     CITYSCAPES_CLASSES,
+    CUSTOM,
     DATASETS,
     DEMO_CLASSES,
     VOC_CLASSES,
     SemiSegDataset,
+    check_no_validation_images,
+    dataset_spec,
     draw_labeled_split,
     parse_split_line,
+    read_class_names,
     read_split_file,
     scan_cityscapes_layout,
     scan_voc_layout,
+    spec_from_run_args,
+    split_image,
+    without_validation_images,
     write_split_file,
 )
 from ddfp_examples.transforms import (
@@ -121,6 +128,29 @@ def test_scan_voc_layout_lists_only_images_with_a_mask(tiny_voc_root: Path, tmp_
     assert len(lines) == 11
     assert "JPEGImages/2007_000004.jpg SegmentationClass/2007_000004.png" not in lines
     assert lines == sorted(lines)
+
+
+def test_split_image_is_the_same_for_a_bare_id_a_full_line_and_a_dotted_path() -> None:
+    image = "JPEGImages/2007_000032.jpg"
+    assert split_image("2007_000032") == image
+    assert split_image("JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png") == image
+    assert split_image("./JPEGImages//2007_000032.jpg") == image
+    assert split_image("JPEGImages/2007_000033.jpg") != image
+
+
+def test_without_validation_images_keeps_the_order_of_the_rest_and_refuses_an_empty_pool() -> None:
+    lines = [f"JPEGImages/{n}.jpg SegmentationClass/{n}.png" for n in ("c", "a", "d", "b")]
+    val = ["a", "JPEGImages/b.jpg SegmentationClass/b.png", "JPEGImages/z.jpg"]
+    assert without_validation_images(lines, val) == [lines[0], lines[2]]
+    assert without_validation_images(lines, []) == lines
+    with pytest.raises(ValueError, match="all 4 training images are in the validation split"):
+        without_validation_images(lines, [*val, "c", "d"])
+
+
+def test_check_no_validation_images_counts_the_shared_images_and_names_the_first() -> None:
+    check_no_validation_images(["JPEGImages/a.jpg"], ["JPEGImages/b.jpg"], "train.txt")
+    with pytest.raises(ValueError, match=r"train\.txt shares 2 image\(s\).*first: JPEGImages/b"):
+        check_no_validation_images(["a", "b", "c"], ["c", "JPEGImages/b.jpg x.png"], "train.txt")
 
 
 def test_scan_voc_layout_missing_root_names_the_path(tmp_path: Path) -> None:
@@ -450,3 +480,91 @@ def test_rgb_mask_is_rejected_with_its_mode(tiny_voc_root: Path, tmp_path: Path)
     dataset = SemiSegDataset(root, root / "train_l.txt", "train_l", 32, 21)
     with pytest.raises(ValueError, match="2007_000000.png: a mask must be .* got mode 'RGB'"):
         dataset[0]
+
+
+# Own datasets --------------------------------------------------------------------------------
+
+
+def test_custom_spec_takes_its_classes_from_the_flags_and_the_rest_from_voc() -> None:
+    spec = dataset_spec(CUSTOM, class_names=["sky", "tree", "road"])
+    voc = DATASETS["voc"]
+    assert spec.num_classes == 3 and spec.class_names == ("sky", "tree", "road")
+    assert (spec.hflip, spec.crop_size, spec.eval_mode, spec.ignore_index) == (
+        voc.hflip,
+        voc.crop_size,
+        voc.eval_mode,
+        255,
+    )
+    named = dataset_spec(CUSTOM, 4, hflip=False, crop_size=96, eval_mode="sliding", ignore_index=4)
+    assert named.class_names == ("class_0", "class_1", "class_2", "class_3")
+    assert (named.hflip, named.crop_size, named.eval_mode, named.ignore_index) == (
+        False,
+        96,
+        "sliding",
+        4,
+    )
+
+
+def test_registered_spec_keeps_its_names_unless_the_class_count_changes() -> None:
+    assert dataset_spec("voc") == DATASETS["voc"]
+    assert dataset_spec("voc", num_classes=21).class_names == VOC_CLASSES
+    assert dataset_spec("cityscapes", num_classes=2).class_names == ("class_0", "class_1")
+    assert dataset_spec("demo", hflip=True).hflip and not DATASETS["demo"].hflip
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({}, "needs its classes"),
+        ({"num_classes": 3, "class_names": ["a", "b"]}, "2 class names for 3 classes"),
+        ({"class_names": ["a", "a"]}, "distinct and non-blank"),
+        ({"class_names": ["a", " "]}, "distinct and non-blank"),
+        ({"num_classes": 3, "ignore_index": 2}, "ignore_index must lie in 3..255"),
+        ({"num_classes": 3, "ignore_index": 256}, "ignore_index must lie in 3..255"),
+        ({"num_classes": 3, "eval_mode": "tiles"}, "eval_mode must be one of"),
+        ({"num_classes": 3, "crop_size": 0}, "crop_size must be >= 1"),
+    ],
+)
+def test_bad_custom_spec_raises_value_error_naming_the_problem(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        dataset_spec(CUSTOM, **kwargs)
+
+
+def test_unknown_dataset_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'ade'.*'custom'"):
+        dataset_spec("ade")
+
+
+def test_class_names_come_from_a_file_of_one_name_a_line_or_the_values(tmp_path: Path) -> None:
+    path = tmp_path / "classes.txt"
+    path.write_text("background\n  traffic light \n\ncar\n")
+    assert read_class_names([str(path)]) == ("background", "traffic light", "car")
+    assert read_class_names(["a", " b"]) == ("a", "b")
+    assert read_class_names([str(tmp_path / "absent.txt")]) == (str(tmp_path / "absent.txt"),)
+
+
+def test_spec_from_run_args_rebuilds_the_run_spec_and_old_runs_get_the_defaults() -> None:
+    spec = dataset_spec(CUSTOM, class_names=["a", "b"], ignore_index=200, hflip=False)
+    recorded = {"dataset": CUSTOM, **spec._asdict()}
+    assert spec_from_run_args(recorded) == spec
+    assert spec_from_run_args({"dataset": "cityscapes"}) == DATASETS["cityscapes"]
+
+
+def test_own_ignore_value_reads_as_255_and_the_old_255_is_then_out_of_range(
+    tiny_voc_root: Path, tmp_path: Path
+) -> None:
+    root = _copy_root(tiny_voc_root, tmp_path)
+    path = root / "SegmentationClass" / "2007_000009.png"
+    labels = np.asarray(Image.open(path)) % 3
+    labels[:2] = 7
+    Image.fromarray(labels.astype(np.uint8)).save(path)
+    line = "JPEGImages/2007_000009.jpg SegmentationClass/2007_000009.png"
+    _, mask, _ = SemiSegDataset(root, [line], "val", None, 3, ignore_index=7)[0]
+    expected = np.where(labels == 7, 255, labels)
+    assert np.array_equal(mask.numpy(), expected) and (mask == 255).sum() == 2 * labels.shape[1]
+    labels[0, 0] = 255
+    Image.fromarray(labels.astype(np.uint8)).save(path)
+    with pytest.raises(ValueError, match=r"labels \[255\] out of range for 3 classes.*7 = ignore"):
+        SemiSegDataset(root, [line], "val", None, 3, ignore_index=7)[0]
+    with pytest.raises(ValueError, match="ignore_index must be in 3..255"):
+        SemiSegDataset(root, [line], "val", None, 3, ignore_index=1)

@@ -160,6 +160,7 @@ def test_compiled_call_matches_eager():
     assert torch.allclose(compiled(features, mask), eager, atol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
 def test_no_host_device_synchronisation_on_cuda():
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).cuda()
@@ -452,3 +453,40 @@ def test_direction_options_have_no_host_device_synchronisation_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == features.shape
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_float64_features_and_estimator_give_a_float64_step_along_the_exact_gradient(chunk_rows):
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).double()
+    ddfp = DensityDescendingPerturbation(est, eps=4.0, chunk_rows=chunk_rows)
+    features = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    mask = torch.rand(2, 5, 6) > 0.4
+    perturbed = ddfp(features, mask=mask)
+    assert perturbed.dtype == torch.float64
+    delta_rows = (perturbed - features).permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = analytic_nll_gradient64(est, features.permute(0, 2, 3, 1).reshape(-1, 8))
+    m = mask.reshape(-1)
+    assert torch.allclose(
+        delta_rows[m], 4.0 * expected[m] / expected[m].norm(dim=1, keepdim=True), atol=1e-12, rtol=0
+    )
+    assert torch.equal(delta_rows[~m], torch.zeros_like(delta_rows[~m]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_features_keep_their_dtype_and_move_by_the_float32_step(dtype):
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    ddfp = DensityDescendingPerturbation(est, eps=4.0)
+    features = torch.randn(2, 8, 4, 4).to(dtype)
+    perturbed = ddfp(features)
+    assert perturbed.dtype == dtype
+    step32 = (ddfp(features.float()) - features.float()).permute(0, 2, 3, 1).reshape(-1, 8)
+    step = (perturbed.float() - features.float()).permute(0, 2, 3, 1).reshape(-1, 8)
+    # The step is rounded to the features' precision (8 bits of mantissa for bfloat16).
+    assert torch.cosine_similarity(step, step32, dim=1).min() > 0.99
+    assert torch.allclose(step.norm(dim=1), torch.full((32,), 4.0), rtol=0.05)
+
+
+def test_half_precision_estimator_in_the_perturbation_is_a_clear_value_error():
+    ddfp = DensityDescendingPerturbation(FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).half())
+    with pytest.raises(ValueError, match="keep the estimator in float32"):
+        ddfp(torch.randn(2, 8, 4, 4))

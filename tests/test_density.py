@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from ddfp_lib import FlowDensityEstimator
 from ddfp_lib.distributions import component_log_prob, mixture_log_prob
@@ -206,3 +207,91 @@ def test_parameter_count_matches_the_reference_flow_size():
     flow_params = sum(p.numel() for p in est.flow.parameters())
     assert flow_params == 2 * 2 * (128 * 256 + 256 + 256 * 256 + 256 + 256 * 256 + 256)
     assert 0.65e6 < flow_params < 0.67e6
+
+
+# dtypes ----------------------------------------------------------------------------------------
+
+
+def test_float64_estimator_log_det_equals_slogdet_of_autograd_jacobian_to_1e_10():
+    est = randomize_couplings(FlowDensityEstimator(6, 3, hidden_dim=32, seed=3)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    z, log_det = est(x)
+    assert z.dtype == log_det.dtype == torch.float64
+    assert log_det.abs().max() > 0.1, "the couplings must be far from the identity for this test"
+    for i in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda row: est(row[None])[0][0], x[i])
+        assert jac.dtype == torch.float64
+        assert abs(log_det[i].item() - torch.linalg.slogdet(jac).logabsdet.item()) < 1e-10
+
+
+def test_float64_identity_flow_matches_the_analytic_mixture_to_1e_10():
+    est = FlowDensityEstimator(32, 5, hidden_dim=16, seed=1).double()
+    x = torch.randn(200, 32, dtype=torch.float64) + 3.0
+    labels = torch.randint(-1, 5, (200,))
+    z = x.clone()
+    for perm in permutations_of(est):
+        z = z[:, perm]
+    means = est.means.detach()
+    got = est.log_prob(x, labels)
+    assert got.dtype == torch.float64
+    assert (got - analytic_mixture_log_prob64(z, means, labels)).abs().max() < 1e-10
+
+
+def test_float64_log_prob_passes_gradcheck_in_the_input_and_the_means():
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, learn_means=False, seed=7)
+    est = randomize_couplings(est).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([-1, 0, 1, 2, -1])
+    assert torch.autograd.gradcheck(lambda rows: est.log_prob(rows, labels), (x,))
+    assert torch.autograd.gradcheck(lambda rows: est.log_prob(rows), (x,))
+
+    def log_prob_of_means(means):
+        est.prior.means = means  # a buffer (learn_means=False), so a plain tensor may replace it
+        return est.log_prob(x.detach(), labels)
+
+    means = est.means.detach().clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(log_prob_of_means(means).sum(), means)
+    assert gradient.abs().min() > 0, "every mean must matter for the check to mean something"
+    assert torch.autograd.gradcheck(log_prob_of_means, (means,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float32_estimator_computes_in_float32_whatever_the_input_dtype(dtype):
+    est = randomize_couplings(FlowDensityEstimator(16, 3, hidden_dim=32, seed=6))
+    x = torch.randn(64, 16).to(dtype)
+    got = est.log_prob(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, est.log_prob(x.float()))
+    z, log_det = est(x)
+    assert z.dtype == log_det.dtype == torch.float32
+    assert est.inverse(z.to(dtype)).dtype == torch.float32
+
+
+def test_float64_estimator_stays_float64_under_autocast_and_for_float32_inputs():
+    est = randomize_couplings(FlowDensityEstimator(16, 3, hidden_dim=32, seed=6)).double()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    reference = est.log_prob(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = est.log_prob(x)
+    assert under_autocast.dtype == torch.float64
+    assert torch.equal(under_autocast, reference)
+    from_float32 = est.log_prob(x.float())
+    assert from_float32.dtype == torch.float64
+    assert torch.equal(from_float32, est.log_prob(x.float().double()))
+
+
+@pytest.mark.parametrize("to_half", [nn.Module.half, nn.Module.bfloat16])
+def test_half_precision_parameters_raise_value_error_saying_to_keep_float32(to_half):
+    est = to_half(FlowDensityEstimator(6, 2, hidden_dim=8, seed=0))
+    x = torch.randn(4, 6)
+    for call in (est.log_prob, est.nll, est.forward, est.inverse):
+        with pytest.raises(ValueError, match="keep the estimator in float32.*autocast"):
+            call(x)
+
+
+def test_mixed_parameter_dtypes_raise_value_error_naming_both():
+    est = FlowDensityEstimator(6, 2, hidden_dim=8, seed=0)
+    est.flow.double()
+    with pytest.raises(ValueError, match="torch.float32, torch.float64"):
+        est.log_prob(torch.randn(4, 6))
+    assert est.prior.means.dtype == torch.float32

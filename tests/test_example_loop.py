@@ -1,6 +1,7 @@
 """examples/voc_unimatch_plus_ddfp.py end to end on a generated VOC-layout folder."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,11 @@ def read_log(out):
         (["--mode", "supervised"], {"loss_x"}),
         (
             ["--fp", "both", "--amp", "bf16"],
+            {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"},
+        ),
+        # fp16 runs the gradient scaler, here the CPU's: the same code path as on CUDA or MPS.
+        (
+            ["--fp", "both", "--amp", "fp16"],
             {"loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll"},
         ),
         (["--fp", "ddfp", "--aux-bn"], {"loss_x", "loss_s1", "loss_ddfp", "flow_nll"}),
@@ -169,13 +175,13 @@ def test_mask_with_labels_outside_the_classes_is_a_clear_error(tiny_voc_root, tm
     root = tmp_path / "bad"
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
-    Image.new("RGB", (40, 40)).save(root / "JPEGImages" / "a.jpg")
-    Image.new("L", (40, 40), 30).save(root / "SegmentationClass" / "a.png")
+    for stem in ("a", "b"):
+        Image.new("RGB", (40, 40)).save(root / "JPEGImages" / f"{stem}.jpg")
+        Image.new("L", (40, 40), 30).save(root / "SegmentationClass" / f"{stem}.png")
     line = "JPEGImages/a.jpg SegmentationClass/a.png"
-    for name in ("train_l.txt", "train_u.txt", "val.txt"):
-        (root / name).write_text(
-            line + "\n" + line + "\n" if name == "train_u.txt" else line + "\n"
-        )
+    (root / "train_l.txt").write_text(line + "\n")
+    (root / "train_u.txt").write_text(line + "\n" + line + "\n")
+    (root / "val.txt").write_text("JPEGImages/b.jpg SegmentationClass/b.png\n")
     module = load_script()
     with pytest.raises(ValueError, match="30"):
         module.main(tiny_args(root, tmp_path / "o", "--mode", "supervised"))
@@ -229,8 +235,13 @@ def test_supervised_epoch_matches_the_semi_epoch_or_passes_over_a_larger_labelle
     for mode in ("semi", "supervised"):
         args = _without_iteration_cap(tiny_args(tiny_voc_root, tmp_path / mode, "--mode", mode))
         assert module.main(args)["iterations"] == 3
-    # Every training image labelled (6 of them, none unlabelled): a supervised pass over them.
-    lines = (tiny_voc_root / "train_l.txt").read_text() + (tiny_voc_root / "val.txt").read_text()
+    # Every training image labelled (the 3 labelled and the 3 unlabelled lines that have a mask,
+    # none unlabelled): a supervised pass over them.
+    with_mask = [
+        line for line in (tiny_voc_root / "train_u.txt").read_text().split("\n") if " " in line
+    ]
+    lines = (tiny_voc_root / "train_l.txt").read_text() + "\n".join(with_mask) + "\n"
+    assert len(lines.split()) == 12, "6 lines of image and mask"
     (tmp_path / "all.txt").write_text(lines)
     (tmp_path / "none.txt").write_text("")
     args = _without_iteration_cap(
@@ -511,3 +522,165 @@ def test_ddfp_direction_and_head_dropout_flags_reach_the_perturbation_and_the_mo
     defaults = module.parse_args(tiny_args(tiny_voc_root, tmp_path))
     assert (defaults.ddfp_head_mode, defaults.ddfp_min_grad_ratio) == ("as_is", 0.0)
     assert (defaults.head_dropout, defaults.ddfp_weight, defaults.flow_burn_in) == (0.1, 0.5, 0)
+
+
+def test_drawn_splits_never_hold_a_validation_image_from_the_same_folders(tiny_voc_root, tmp_path):
+    module = load_script()
+    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    val_images = {line.split()[0] for line in (tiny_voc_root / "val.txt").read_text().splitlines()}
+    # The validation images have masks and sit in JPEGImages/SegmentationClass with the rest.
+    assert all((tiny_voc_root / image).is_file() for image in val_images) and len(val_images) == 3
+    for seed in range(5):
+        args = module.parse_args(
+            ["--dataset", "voc", "--data-root", str(tiny_voc_root), "--num-labeled", "3",
+             "--val-list", str(tiny_voc_root / "val.txt"), "--seed", str(seed),
+             "--out", str(tmp_path)]
+        )  # fmt: skip
+        _, labeled, unlabeled, val_lines = module.dataset_lines(args, ctx)
+        drawn = {line.split()[0] for line in labeled + unlabeled}
+        assert len(labeled) == 3 and len(drawn) == 12 - 3
+        assert not drawn & val_images
+
+
+@pytest.mark.parametrize("overlapping", ["--labeled-list", "--unlabeled-list"])
+def test_given_split_that_overlaps_the_validation_list_is_a_clear_error(
+    tiny_voc_root, tmp_path, overlapping
+):
+    module = load_script()
+    val_line = (tiny_voc_root / "val.txt").read_text().split("\n")[1]
+    args = tiny_args(tiny_voc_root, tmp_path / "run")
+    given = Path(args[args.index(overlapping) + 1])
+    # The same image written as a bare VOC id still counts as the validation image.
+    bare_id = Path(val_line.split()[0]).stem
+    (tmp_path / "with_val.txt").write_text(given.read_text() + bare_id + "\n")
+    args[args.index(overlapping) + 1] = str(tmp_path / "with_val.txt")
+    with pytest.raises(ValueError, match=f"{overlapping}.*shares 1 image.*{bare_id}"):
+        module.main(args)
+
+
+# Own datasets ----------------------------------------------------------------------------------
+
+
+def load_shapes_script():
+    import importlib.util
+
+    path = ROOT / "examples" / "make_shapes_dataset.py"
+    spec = importlib.util.spec_from_file_location("make_shapes_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+QUICK = ["--epochs", "1", "--iters-per-epoch", "2", "--workers", "0", "--no-progress"]
+
+
+def test_custom_three_class_run_reports_the_given_names_and_uses_every_dataset_flag(
+    tmp_path, capsys, monkeypatch
+):
+    names = ["sky", "box", "ball"]
+    root = load_shapes_script().make_shapes_dataset(
+        tmp_path / "shapes", 3, num_images=12, num_val=4, size=(40, 48), ignore_index=254
+    )
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    module = load_script()
+    modes = []
+    evaluate = module.evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", recording_evaluate)
+    out = tmp_path / "run"
+    argv = [
+        "--dataset", "custom", "--data-root", str(root), "--class-names", str(tmp_path / "names.txt"),
+        "--ignore-index", "254", "--no-hflip", "--eval-mode", "sliding", "--val-list",
+        str(root / "val.txt"), "--num-labeled", "4", "--crop-size", "32", "--backbone",
+        "mobilenet_v2", "--batch-size", "2", "--threshold", "0.0", "--out", str(out), *QUICK,
+    ]  # fmt: skip
+    summary = module.main(argv)
+    assert list(summary["final_iou_per_class"]) == names
+    assert all(v is None or 0.0 <= v <= 1.0 for v in summary["final_iou_per_class"].values())
+    assert modes == ["sliding"]
+    table = capsys.readouterr().out
+    assert all(name in table for name in names)
+    recorded = json.loads((out / "args.json").read_text())
+    assert (recorded["num_classes"], recorded["class_names"], recorded["ignore_index"]) == (
+        3,
+        names,
+        254,
+    )
+    assert recorded["hflip"] is False and recorded["eval_mode"] == "sliding"
+    args = module.parse_args(argv)
+    loaders, val_loader, sizes = module.build_loaders(
+        args, module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    )
+    assert sizes == {"labeled": 4, "unlabeled": 4, "val": 4}
+    for dataset in (loaders["x"].dataset.dataset, loaders["u"].dataset.dataset):
+        assert dataset.hflip is False and dataset.ignore_index == 254
+    # The 254 borders of the masks read as 255, the ignore label of the loss and the metric.
+    _, mask, _ = val_loader.dataset.dataset[0]
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 255} and (mask == 255).any()
+    from importlib import util
+
+    spec = util.spec_from_file_location("predict", ROOT / "examples" / "predict.py")
+    predict = util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    trained = predict.load_trained_model(out / "best.pt")
+    assert trained.model.classifier.out_channels == 3 and list(trained.spec.class_names) == names
+
+
+def test_custom_masks_with_a_label_beyond_the_classes_are_a_clear_error(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = load_shapes_script().make_shapes_dataset(
+        tmp_path / "shapes", 3, num_images=8, num_val=2, size=(40, 48)
+    )
+    for path in (root / "SegmentationClass").glob("*.png"):
+        labels = np.array(Image.open(path))
+        labels[0, 0] = 3
+        Image.fromarray(labels).save(path)
+    argv = [
+        "--dataset", "custom", "--data-root", str(root), "--num-classes", "3", "--val-list",
+        str(root / "val.txt"), "--num-labeled", "2", "--crop-size", "32", "--backbone",
+        "mobilenet_v2", "--batch-size", "2", "--out", str(tmp_path / "run"), *QUICK,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"labels \[3\] out of range for 3 classes"):
+        load_script().main(argv)
+
+
+def test_custom_dataset_without_classes_or_with_a_class_ignore_value_is_a_usage_error(tmp_path):
+    module = load_script()
+    base = ["--dataset", "custom", "--data-root", str(tmp_path), "--num-labeled", "2"]
+    with pytest.raises(SystemExit):
+        module.parse_args(base)
+    with pytest.raises(SystemExit):
+        module.parse_args([*base, "--num-classes", "3", "--ignore-index", "1"])
+    assert module.parse_args([*base, "--class-names", "a", "b"]).num_classes == 2
+
+
+def shell_commands(page, marker):
+    """The commands of the bash blocks of ``page`` that mention ``marker``, split like a shell."""
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / page).read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if marker in b]
+    assert blocks, f"no bash block of {page} mentions {marker}"
+    return [shlex.split(line) for line in blocks[0].replace("\\\n", " ").splitlines() if line]
+
+
+@pytest.mark.parametrize("page", ["getting-started.md", "faq.md"])
+def test_own_classes_example_of_the_docs_runs_and_reports_the_generated_class_names(
+    page, tmp_path, monkeypatch
+):
+    make, train = shell_commands(page, "make_shapes_dataset.py")
+    assert make[:2] == ["python", "examples/make_shapes_dataset.py"]
+    assert train[:2] == ["python", "examples/voc_unimatch_plus_ddfp.py"]
+    monkeypatch.chdir(tmp_path)
+    root = load_shapes_script().main(make[2:])
+    summary = load_script().main(train[2:] + QUICK)
+    names = (root / "classes.txt").read_text().split()
+    assert list(summary["final_iou_per_class"]) == names == ["background", "rectangle", "disc"]
+    assert summary["iterations"] == 2

@@ -254,3 +254,16 @@ def test_steps_and_skipped_steps_have_no_host_device_synchronisation_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(p, q) for p, q in zip(est.parameters(), params))
     assert int(trainer.steps_taken) == 2
+
+
+def test_float64_estimator_trains_in_float64_and_reports_its_exact_nll():
+    est = FlowDensityEstimator(4, 3, hidden_dim=8, seed=0).double()
+    trainer = OnlineFlowTrainer(est, noise_std=0.0)
+    features = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 3, 3))
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = est.nll(rows, labels.reshape(-1))
+    loss = trainer.step(features, labels)
+    assert loss.dtype == torch.float64 and abs(loss.item() - expected.item()) < 1e-12
+    assert all(p.dtype == torch.float64 for p in est.parameters())
+    assert est.nll(rows, labels.reshape(-1)).item() < expected.item()

@@ -79,7 +79,8 @@ def density_descent_direction(
     Shape:
         - features: ``(B, C, H, W)`` or ``(N, C)``; head output ``(B, D, H', W')`` or ``(N, D)``
         - mask: ``(B, H', W')`` or ``(N,)``
-        - returns: shape of ``features``, float32, unit or zero norm per pixel
+        - returns: shape of ``features``, float32 (float64 for float64 features), unit or zero
+          norm per pixel
     """
     _check_chunk_rows(chunk_rows)
     _check_head_mode(head_mode, head)
@@ -105,10 +106,16 @@ def density_descent_direction(
             row_mask = None if mask is None else layout.values_to_rows(mask)
             row_gradient = _chunked_nll_gradient(estimator, rows.detach(), row_mask, chunk_rows)
             (gradient,) = torch.autograd.grad(rows, leaf, row_gradient.to(rows.dtype))
-    direction = per_pixel_unit(gradient.float(), channel_dim=1)
+    gradient = gradient.to(_at_least_float32(gradient.dtype))
+    direction = per_pixel_unit(gradient, channel_dim=1)
     if min_grad_ratio > 0:
-        direction = direction * _large_gradient(gradient.float(), mask, min_grad_ratio)
+        direction = direction * _large_gradient(gradient, mask, min_grad_ratio)
     return direction
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, the dtype itself for float32 and float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _large_gradient(
@@ -189,7 +196,7 @@ def _chunked_nll_gradient(
     chunk_rows: int,
 ) -> torch.Tensor:
     """Gradient of the summed NLL of the ``row_mask`` rows, zero elsewhere, ``chunk_rows`` at a time."""
-    gradient = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    gradient = torch.zeros(rows.shape, dtype=_at_least_float32(rows.dtype), device=rows.device)
     index = None if row_mask is None else torch.nonzero(row_mask).squeeze(1)
     count = rows.shape[0] if index is None else index.numel()
     for start in range(0, count, chunk_rows):
@@ -204,7 +211,7 @@ def _chunked_nll_gradient(
         if index is None:
             gradient[start : start + chunk_rows] = chunk_gradient
         else:
-            gradient.index_copy_(0, chunk_index, chunk_gradient.float())
+            gradient.index_copy_(0, chunk_index, chunk_gradient.to(gradient.dtype))
     return gradient
 
 
@@ -214,7 +221,8 @@ class DensityDescendingPerturbation(FeaturePerturbation):
 
     ``delta`` is a constant: gradients flow to ``features`` as through the identity. The head's
     parameters get no ``.grad``, its BatchNorm statistics do not change, and the estimator is not
-    updated. Works under ``torch.autocast`` (the density is evaluated in float32).
+    updated. Works under ``torch.autocast`` (the density is evaluated in the estimator's float32)
+    and in float64 with a ``.double()`` estimator; ``delta`` comes back in the features' dtype.
 
     Args:
         estimator: the online-trained density of the head output.

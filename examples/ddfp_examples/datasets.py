@@ -21,19 +21,28 @@ __all__ = [
     "DEMO_CLASSES",
     "DatasetSpec",
     "DATASETS",
+    "CUSTOM",
+    "EVAL_MODES",
+    "dataset_spec",
+    "read_class_names",
+    "spec_from_run_args",
     "MODES",
     "SplitEntry",
     "parse_split_line",
     "read_split_file",
     "write_split_file",
     "draw_labeled_split",
+    "split_image",
+    "without_validation_images",
+    "check_no_validation_images",
     "scan_voc_layout",
     "scan_cityscapes_layout",
     "SemiSegDataset",
 ]
 
 import os
-from collections.abc import Sequence
+import posixpath
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -108,6 +117,7 @@ class DatasetSpec(NamedTuple):
         crop_size: default training crop side.
         eval_mode: ``"full"`` (whole image at once) or ``"sliding"`` (crop-sized windows).
         resize_range: default ``(low, high)`` ratio of the weak view's random resize.
+        ignore_index: the mask value that means "ignore" in the dataset's files (read as 255).
     """
 
     num_classes: int
@@ -116,6 +126,7 @@ class DatasetSpec(NamedTuple):
     crop_size: int
     eval_mode: str
     resize_range: tuple[float, float] = (0.5, 2.0)
+    ignore_index: int = IGNORE_INDEX
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -126,9 +137,115 @@ DATASETS: dict[str, DatasetSpec] = {
     "demo": DatasetSpec(11, DEMO_CLASSES, False, 64, "full", (0.8, 1.25)),
 }
 
+#: A folder in Pascal VOC layout with its own classes, described by flags (see :func:`dataset_spec`).
+CUSTOM = "custom"
+EVAL_MODES: tuple[str, ...] = ("full", "sliding")
+# What a custom dataset takes from VOC unless told otherwise; its classes it must be told.
+_CUSTOM_BASE = DatasetSpec(0, (), True, 321, "full")
+
 MODES: tuple[str, ...] = ("train_l", "train_u", "val")
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def dataset_spec(
+    name: str,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    ignore_index: int | None = None,
+    hflip: bool | None = None,
+    crop_size: int | None = None,
+    eval_mode: str | None = None,
+) -> DatasetSpec:
+    """The spec of a registered dataset with the given fields replaced, or of a custom one.
+
+    ``name="custom"`` is a Pascal VOC layout with its own classes: ``num_classes`` or
+    ``class_names`` is required, the rest defaults to VOC's (flip, crop 321, full-image evaluation,
+    255 = ignore). ``None`` keeps a field as it is. A new class count without names gets the names
+    ``class_0 .. class_{K-1}``.
+
+    Args:
+        name: a key of :data:`DATASETS`, or ``"custom"``.
+        num_classes: K, the labels ``0 .. K-1``.
+        class_names: one distinct, non-blank name per class.
+        ignore_index: the mask value meaning "ignore", in ``K .. 255`` (masks are 8-bit).
+        hflip: whether horizontal flipping preserves the labels.
+        crop_size: training crop side.
+        eval_mode: one of :data:`EVAL_MODES`.
+
+    Returns:
+        The spec.
+
+    Raises:
+        ValueError: an unknown name, a custom dataset without classes, or an inconsistent field.
+    """
+    if name == CUSTOM:
+        if num_classes is None and class_names is None:
+            raise ValueError("a custom dataset needs its classes: give num_classes or class_names")
+        base = _CUSTOM_BASE
+    elif name in DATASETS:
+        base = DATASETS[name]
+    else:
+        raise ValueError(
+            f"unknown dataset {name!r}: expected one of {sorted(DATASETS)} or {CUSTOM!r}"
+        )
+    names = tuple(class_names) if class_names is not None else None
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes: {list(names)}")
+    if names is None:
+        k = num_classes if num_classes is not None else base.num_classes
+        names = base.class_names if k == base.num_classes else tuple(f"class_{i}" for i in range(k))
+    if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"class names must be distinct and non-blank, got {list(names)}")
+    ignore = base.ignore_index if ignore_index is None else int(ignore_index)
+    if not len(names) <= ignore <= IGNORE_INDEX:
+        raise ValueError(
+            f"ignore_index must lie in {len(names)}..{IGNORE_INDEX} (outside the {len(names)} "
+            f"class labels 0..{len(names) - 1}, and masks are 8-bit), got {ignore}"
+        )
+    mode = base.eval_mode if eval_mode is None else eval_mode
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {mode!r}")
+    crop = base.crop_size if crop_size is None else int(crop_size)
+    if crop < 1:
+        raise ValueError(f"crop_size must be >= 1, got {crop}")
+    return base._replace(
+        num_classes=len(names),
+        class_names=names,
+        hflip=base.hflip if hflip is None else bool(hflip),
+        crop_size=crop,
+        eval_mode=mode,
+        ignore_index=ignore,
+    )
+
+
+def read_class_names(values: Sequence[str]) -> tuple[str, ...]:
+    """Class names given on a command line: the names themselves, or one file of one name a line.
+
+    Args:
+        values: the names, or a single path to an existing text file (blank lines skipped).
+
+    Returns:
+        The names, stripped.
+    """
+    if len(values) == 1 and Path(values[0]).is_file():
+        lines = Path(values[0]).read_text().splitlines()
+        return tuple(line.strip() for line in lines if line.strip())
+    return tuple(value.strip() for value in values)
+
+
+def spec_from_run_args(args: Mapping[str, Any]) -> DatasetSpec:
+    """The spec of a run of the example loop from its arguments (``args.json``, a checkpoint's
+    ``"args"``); arguments that an older run did not record keep the dataset's defaults."""
+    return dataset_spec(
+        args["dataset"],
+        num_classes=args.get("num_classes"),
+        class_names=args.get("class_names"),
+        ignore_index=args.get("ignore_index"),
+        hflip=args.get("hflip"),
+        crop_size=args.get("crop_size"),
+        eval_mode=args.get("eval_mode"),
+    )
 
 
 class SplitEntry(NamedTuple):
@@ -241,6 +358,65 @@ def draw_labeled_split(
     return labeled, unlabeled
 
 
+def split_image(line: str) -> str:
+    """The image a split line names, as a normalised relative path (a bare VOC id expanded).
+
+    Args:
+        line: a split line.
+
+    Returns:
+        e.g. ``"JPEGImages/2007_000032.jpg"`` for ``"2007_000032"`` and for
+        ``"./JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png"``.
+    """
+    return posixpath.normpath(parse_split_line(line).image)
+
+
+def without_validation_images(lines: Sequence[str], val_lines: Sequence[str]) -> list[str]:
+    """The training pool: ``lines`` minus every line whose image the validation split names.
+
+    In Pascal VOC (and any folder in its layout) the validation images have masks and sit in the
+    same folders as the training images, so a pool scanned from the folders holds them too.
+
+    Args:
+        lines: candidate training lines.
+        val_lines: the validation split.
+
+    Returns:
+        The lines of ``lines`` whose image is not in ``val_lines``, in their order.
+
+    Raises:
+        ValueError: every line is a validation image.
+    """
+    val_images = {split_image(line) for line in val_lines}
+    pool = [line for line in lines if split_image(line) not in val_images]
+    if lines and not pool:
+        raise ValueError(
+            f"all {len(lines)} training images are in the validation split: nothing is left to train on"
+        )
+    return pool
+
+
+def check_no_validation_images(lines: Sequence[str], val_lines: Sequence[str], name: str) -> None:
+    """Raise if a training split names an image of the validation split.
+
+    Args:
+        lines: a labelled or unlabelled split.
+        val_lines: the validation split.
+        name: how the message refers to ``lines`` (e.g. its file).
+
+    Raises:
+        ValueError: the splits share images; the message counts them and names the first.
+    """
+    val_images = {split_image(line) for line in val_lines}
+    shared = [image for image in map(split_image, lines) if image in val_images]
+    if shared:
+        raise ValueError(
+            f"{name} shares {len(shared)} image(s) with the validation split (first: {shared[0]}): "
+            "training on validation images would inflate the reported mIoU; remove them from one "
+            "of the two lists"
+        )
+
+
 def _existing_root(root: PathLike) -> Path:
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -327,6 +503,8 @@ class SemiSegDataset(Dataset):
         min_length: if the split has fewer lines, repeat it to exactly this many (UniMatch does
             this for the labelled set so that it lasts as long as the unlabelled one).
         cutmix_p: probability that a CutMix box is non-empty.
+        ignore_index: the mask value that means "ignore" in the files; it reads as 255, the
+            ignore label of everything downstream.
 
     Shape:
         - ``train_l``: image ``(3, H, W)`` float, mask ``(H, W)`` long, ``(H, W) = crop_size``.
@@ -353,17 +531,23 @@ class SemiSegDataset(Dataset):
         ratio_range: tuple[float, float] = (0.5, 2.0),
         min_length: int | None = None,
         cutmix_p: float = 0.5,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 1 <= num_classes <= IGNORE_INDEX:
             raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX}, got {num_classes}")
+        if not num_classes <= ignore_index <= IGNORE_INDEX:
+            raise ValueError(
+                f"ignore_index must be in {num_classes}..{IGNORE_INDEX}, got {ignore_index}"
+            )
         if mode != "val" and crop_size is None:
             raise ValueError(f"mode {mode!r} needs a crop_size")
         self.root = _existing_root(root)
         self.mode = mode
         self.crop_size = crop_size
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.hflip = hflip
         self.base_size = base_size
         self.ratio_range = ratio_range
@@ -413,13 +597,17 @@ class SemiSegDataset(Dataset):
             raise ValueError(
                 f"{path}: mask size (W, H) = {mask.size} differs from its image's {image_size}"
             )
-        values = np.unique(np.asarray(mask))
-        bad = values[(values >= self.num_classes) & (values != IGNORE_INDEX)]
+        labels = np.asarray(mask)
+        values = np.unique(labels)
+        bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
         if bad.size:
             raise ValueError(
                 f"{path}: labels {bad.tolist()} out of range for {self.num_classes} classes "
-                f"(valid: 0..{self.num_classes - 1} and {IGNORE_INDEX} = ignore)"
+                f"(valid: 0..{self.num_classes - 1} and {self.ignore_index} = ignore)"
             )
+        if self.ignore_index != IGNORE_INDEX and self.ignore_index in values:
+            remapped = np.where(labels == self.ignore_index, IGNORE_INDEX, labels)
+            mask = Image.fromarray(remapped.astype(np.uint8))
         return mask
 
     def _weak(self, image: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:

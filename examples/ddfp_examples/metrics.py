@@ -17,7 +17,8 @@ class IoUMeter:
     """Accumulates a confusion matrix over predictions; ``ignore_index`` pixels are skipped.
 
     ``confusion[t, p]`` counts pixels of true class ``t`` predicted as ``p``; per-class IoU, mIoU and
-    the foreground scores are read from it.
+    the foreground scores are read from it. The counts are int64 on ``device`` (exact, and
+    available on every device: MPS has no float64); the scores are computed in float64 on the CPU.
     """
 
     def __init__(
@@ -25,7 +26,12 @@ class IoUMeter:
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """The confusion matrix ``(K, K)`` in float64 on the CPU."""
+        return self.counts.cpu().double()
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         """prediction, target: ``(B, H, W)`` long."""
@@ -34,11 +40,11 @@ class IoUMeter:
         true = target[valid]
         k = self.num_classes
         counts = torch.bincount(true * k + pred, minlength=k * k).reshape(k, k)
-        self.confusion += counts.to(self.confusion)
+        self.counts += counts.to(self.counts)
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.confusion)
+            dist.all_reduce(self.counts)
 
     @property
     def intersection(self) -> torch.Tensor:
@@ -52,26 +58,30 @@ class IoUMeter:
 
     def per_class_iou(self) -> torch.Tensor:
         """IoU per class in [0, 1]; NaN for a class absent from both prediction and target."""
-        union = self.union
-        return torch.where(union > 0, self.intersection / union.clamp_min(1), float("nan"))
+        confusion = self.confusion
+        intersection = confusion.diag()
+        union = confusion.sum(0) + confusion.sum(1) - intersection
+        return torch.where(union > 0, intersection / union.clamp_min(1), float("nan"))
 
     def miou(self) -> float:
         return _mean_of_present(self.per_class_iou().tolist())
 
     def foreground_iou(self, background: int = 0) -> float:
         """IoU of "any class but ``background``" as one class: are the objects found at all?"""
-        total = self.confusion.sum()
-        both = total - self.confusion[background].sum() - self.confusion[:, background].sum()
-        both += self.confusion[background, background]
-        union = total - self.confusion[background, background]
+        confusion = self.confusion
+        total = confusion.sum()
+        both = total - confusion[background].sum() - confusion[:, background].sum()
+        both += confusion[background, background]
+        union = total - confusion[background, background]
         return float(both / union) if union > 0 else float("nan")
 
     def foreground_accuracy(self, background: int = 0) -> float:
         """Share of the non-``background`` pixels predicted as their own class: are they named right?"""
-        foreground = torch.ones(self.num_classes, dtype=torch.bool, device=self.confusion.device)
+        confusion = self.confusion
+        foreground = torch.ones(self.num_classes, dtype=torch.bool)
         foreground[background] = False
-        pixels = self.confusion[foreground].sum()
-        correct = self.confusion.diag()[foreground].sum()
+        pixels = confusion[foreground].sum()
+        correct = confusion.diag()[foreground].sum()
         return float(correct / pixels) if pixels > 0 else float("nan")
 
 

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
+    "AMP_DTYPES",
+    "DEVICES",
     "CsvLog",
     "DistributedContext",
     "EpochSampler",
@@ -28,7 +30,24 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "setup_distributed",
+    "amp_dtype",
+    "ddp_device_ids",
+    "grad_scaler",
+    "mps_available",
+    "pin_memory",
+    "process_group_backend",
+    "select_device",
+    "uses_sync_batchnorm",
 ]
+
+#: What ``--device`` accepts; "auto" picks CUDA, then MPS (Apple silicon), then the CPU.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+#: ``--amp`` -> the autocast dtype (None: full precision).
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -49,23 +68,106 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def mps_available() -> bool:
+    """Whether this PyTorch build sees an Apple-silicon GPU (Metal Performance Shaders)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of this process.
+
+    Args:
+        requested: one of :data:`DEVICES`; "auto" takes CUDA if there is one, else MPS, else the CPU.
+        local_rank: the CUDA device index of this process (torchrun's ``LOCAL_RANK``).
+
+    Raises:
+        ValueError: an unknown name, or a device that this machine does not have.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {requested!r}")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    if requested == "mps":
+        if not mps_available():
+            raise ValueError(
+                "--device mps was asked for, but torch sees no MPS device (it needs Apple silicon "
+                "and a PyTorch build with MPS)"
+            )
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA processes, gloo for CPU ones.
+
+    Raises:
+        ValueError: for MPS: a Mac has one such device, and no backend all-reduces MPS tensors.
+    """
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "cpu":
+        return "gloo"
+    raise ValueError(
+        f"several processes on {device.type} are not supported: run one process, or use "
+        "--device cpu under torchrun"
+    )
+
+
 def setup_distributed(device: str = "auto") -> DistributedContext:
     """Join the torchrun process group when its environment variables are set; else one process.
 
-    ``device``: "auto" (CUDA if available), "cpu" or "cuda".
+    ``device``: one of :data:`DEVICES` (see :func:`select_device`).
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = select_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        backend = process_group_backend(target)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group(backend=backend)
     return DistributedContext(rank, world_size, local_rank, target)
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Whether data loaders should pin host memory: only for copies to CUDA (MPS shares memory)."""
+    return device.type == "cuda"
+
+
+def uses_sync_batchnorm(ctx: DistributedContext) -> bool:
+    """Whether BatchNorm layers become SyncBatchNorm: several CUDA processes (it needs NCCL)."""
+    return ctx.distributed and ctx.device.type == "cuda"
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """``device_ids`` of DistributedDataParallel: the CUDA index, None for the CPU."""
+    return [device.index or 0] if device.type == "cuda" else None
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` on ``device`` (None: no autocast).
+
+    Raises:
+        ValueError: an unknown ``amp``, or a device type on which this PyTorch has no autocast.
+    """
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if dtype is not None and is_available is not None and not is_available(device.type):
+        raise ValueError(f"--amp {amp}: this PyTorch has no autocast on {device.type}")
+    return dtype
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of ``--amp``: on for fp16 (whose gradients underflow), off otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 def _item_seed(seed: int, stream: int, epoch: int, index: int) -> int:
@@ -148,7 +250,7 @@ class EpochSampler(Sampler):
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states of torch (CPU and CUDA), numpy and Python."""
+    """The global RNG states of torch (CPU, CUDA and MPS where present), numpy and Python."""
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),  # noqa: NPY002
@@ -156,6 +258,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if mps_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -165,6 +269,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
