@@ -3,8 +3,9 @@
 Every run is one call of ``examples/voc_unimatch_plus_ddfp.py --dataset demo`` in a subprocess, at
 one fixed budget (epochs, iterations, batch) for all methods; its ``summary.json`` is read back.
 Methods (:data:`METHODS`): supervised only, UniMatch with its dropout FP, UniMatch with DDFP in place
-of dropout FP, UniMatch with both, and UniMatch with a random-direction perturbation of DDFP's
-``eps`` in DDFP's place (the control for "any perturbation of that size"). Seed ``s`` draws the
+of dropout FP, UniMatch with both, UniMatch with a random-direction perturbation of DDFP's ``eps``
+in DDFP's place (the control for "any perturbation of that size"), and the upper bound: supervised
+with every training image labelled, for as many iterations. Seed ``s`` draws the
 labelled set, the initialisation of the new layers and the data order, so runs with the same seed
 share their labelled images and differences between methods can be read seed by seed.
 
@@ -21,7 +22,7 @@ Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that 
 after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the
 plot ``docs/assets/ssl_demo.png``.
 
-    python -m benchmarks.ssl_demo                         # the study: 5 methods x 2 sizes x 3 seeds
+    python -m benchmarks.ssl_demo                         # the study: 6 methods x 3 seeds
     python -m benchmarks.ssl_demo --methods supervised unimatch_ddfp --num-labeled 240 --seeds 0
                                                           # the README's main job and its baseline
     python -m benchmarks.ssl_demo --split tuning --eps 2  # the same on the tuning split
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
+from ddfp_examples.recipes import RECIPES  # noqa: E402
 
 from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
 
@@ -75,13 +77,17 @@ METHODS: dict[str, tuple[str, ...]] = {
     "unimatch_ddfp": ("--fp", "ddfp"),
     "unimatch_both": ("--fp", "both"),
     "unimatch_random_direction": ("--fp", "ddfp", "--perturbation", "random_direction"),
+    "supervised_all_labeled": ("--mode", "supervised"),
 }
+#: The upper bound: every training image labelled, with the iterations of the other methods.
+ALL_LABELED = "supervised_all_labeled"
 METHOD_LABELS: dict[str, str] = {
     "supervised": "supervised only",
     "unimatch_dropout": "UniMatch (dropout FP)",
     "unimatch_ddfp": "UniMatch + DDFP",
     "unimatch_both": "UniMatch + dropout FP + DDFP",
     "unimatch_random_direction": "UniMatch + random direction",
+    "supervised_all_labeled": "supervised, every image labelled",
 }
 #: The method every other one is compared with seed by seed, unless ``--baseline`` says otherwise:
 #: the first question is whether unlabelled images help at all.
@@ -93,9 +99,11 @@ class StudyBudget:
     """What every run of the study gets: the same for all methods.
 
     Attributes:
-        epochs: loop epochs.
-        iters_per_epoch: iterations per epoch.
-        batch_size: labelled images per iteration (and as many unlabelled ones).
+        epochs: loop epochs; ``None`` keeps the loop's demo recipe.
+        iters_per_epoch: cap on iterations per epoch; ``None`` keeps the loop's (one pass over
+            the unlabelled images).
+        batch_size: labelled images per iteration (and as many unlabelled ones); ``None`` keeps
+            the recipe's.
         workers: data-loading workers per loader.
         threads: CPU threads of each run (``OMP_NUM_THREADS``).
         eps: step norm of DDFP and of the random direction; ``None`` keeps the loop's default.
@@ -104,9 +112,9 @@ class StudyBudget:
         device: the loop's ``--device``.
     """
 
-    epochs: int = 5
-    iters_per_epoch: int = 60
-    batch_size: int = 8
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    batch_size: int | None = None
     workers: int = 2
     threads: int = 2
     eps: float | None = None
@@ -153,15 +161,33 @@ def loop_command(
     """
     if method not in methods:
         raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
+    extra: list[str] = []
+    if method == ALL_LABELED:
+        # Label every training image, and keep the epoch of a run with num_labeled labels (one
+        # pass over its unlabelled images) so that the bound trains for as many iterations.
+        from ddfp_examples.datasets import read_split_file
+
+        num_train = len(read_split_file(Path(data_root) / "splits" / "train.txt"))
+        batch = budget.batch_size or RECIPES["demo"].batch_size
+        per_epoch = (num_train - num_labeled) // batch
+        if budget.iters_per_epoch is not None:
+            per_epoch = min(per_epoch, budget.iters_per_epoch)
+        extra = ["--iters-per-epoch", str(per_epoch)]
+        num_labeled = num_train
     command = [
         sys.executable, str(LOOP_SCRIPT), "--dataset", "demo", "--data-root", str(data_root),
         "--demo-size", str(budget.demo_size[0]), str(budget.demo_size[1]),
         "--num-labeled", str(num_labeled), "--seed", str(seed), "--out", str(out),
-        "--epochs", str(budget.epochs), "--iters-per-epoch", str(budget.iters_per_epoch),
-        "--eval-every", str(budget.eval_every), "--batch-size", str(budget.batch_size),
-        "--workers", str(budget.workers), "--device", budget.device,
-        "--no-progress", *methods[method],
+        "--eval-every", str(budget.eval_every), "--workers", str(budget.workers),
+        "--device", budget.device, "--no-progress", *methods[method], *extra,
     ]  # fmt: skip
+    for flag, value in (
+        ("--epochs", budget.epochs),
+        ("--iters-per-epoch", None if extra else budget.iters_per_epoch),
+        ("--batch-size", budget.batch_size),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
     if budget.eps is not None:
         command += ["--eps", str(budget.eps)]
     if resume:
@@ -413,6 +439,65 @@ def plot_study(table: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def plot_predictions(
+    checkpoints: Sequence[tuple[str, Path]], data_root: Path, path: Path, num_images: int = 6
+) -> Path:
+    """Val images in rows; image, ground truth and each checkpoint's prediction in columns.
+
+    Args:
+        checkpoints: ``(column title, checkpoint of the loop)`` pairs, final weights.
+        data_root: the demo folder whose ``splits/val.txt`` gives the images (the first ones).
+        path: PNG to write.
+        num_images: rows.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from ddfp_examples.datasets import SemiSegDataset, read_split_file
+    from ddfp_examples.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from predict import load_trained_model, voc_palette
+
+    models = [(title, load_trained_model(checkpoint)) for title, checkpoint in checkpoints]
+    num_classes = models[0][1].spec.num_classes
+    lines = read_split_file(Path(data_root) / "splits" / "val.txt")[:num_images]
+    dataset = SemiSegDataset(data_root, lines, "val", crop_size=None, num_classes=num_classes)
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
+    columns = ["image", "ground truth", *(title for title, _ in models)]
+    figure, axes = plt.subplots(
+        len(lines), len(columns), figsize=(1.6 * len(columns), 1.6 * len(lines)), squeeze=False
+    )
+    for row in range(len(lines)):
+        image, mask, _ = dataset[row]
+        panels = [(image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), palette[mask.numpy()]]
+        with torch.no_grad():
+            for _, trained in models:
+                prediction = trained.model(image[None]).argmax(dim=1)[0]
+                panels.append(palette[prediction.numpy()])
+        for column, panel in enumerate(panels):
+            axis = axes[row][column]
+            axis.imshow(panel, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(columns[column], fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
 def format_table(table: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
     """Mean +- std mIoU (%) per method and size, with the paired difference to the baseline."""
     sizes = sorted({row["num_labeled"] for row in table})
@@ -449,7 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--num-labeled", type=int, nargs="+", default=[60, DEMO_NUM_LABELED])
+    parser.add_argument("--num-labeled", type=int, nargs="+", default=[DEMO_NUM_LABELED])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--baseline",
@@ -558,14 +643,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{time.time() - start:.0f} s so far)",
             flush=True,
         )
+    recipe = RECIPES["demo"]
+    epochs = budget.epochs or recipe.epochs
+    batch_size = budget.batch_size or recipe.batch_size
+    iterations = sorted({run["iterations"] for run in runs})
     table = aggregate(runs)
     paired = paired_differences(runs, args.baseline) if args.baseline in args.methods else []
     title = (
-        f"digit-scenes demo, MobileNetV2 DeepLabV3+, {budget.epochs} x {budget.iters_per_epoch} "
-        f"iterations of {budget.batch_size}+{budget.batch_size} images, "
+        f"digit-scenes demo, MobileNetV2 DeepLabV3+, {'/'.join(map(str, iterations))} "
+        f"iterations of {batch_size}+{batch_size} images, "
         f"{len(args.seeds)} seed{'s' if len(args.seeds) != 1 else ''}"
     )
     plot_path = plot_study(table, args.plot, title)
+    compared = [m for m in ("supervised", "unimatch_ddfp") if m in args.methods]
+    predictions_path = None
+    if len(compared) == 2:
+        size, seed = max(args.num_labeled), min(args.seeds)
+        predictions_path = plot_predictions(
+            [
+                (METHOD_LABELS[m], run_dir(args.runs_dir, m, size, seed) / "latest.pt")
+                for m in compared
+            ],
+            data_root,
+            Path(args.plot).with_name(Path(args.plot).stem + "_predictions.png"),
+        )
     results = {
         "setup": {
             "split": args.split,
@@ -575,9 +676,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "methods": {m: list(METHODS[m]) for m in args.methods},
             "num_labeled": args.num_labeled,
             "seeds": args.seeds,
-            "epochs": budget.epochs,
+            "epochs": epochs,
             "iters_per_epoch": budget.iters_per_epoch,
-            "batch_size": budget.batch_size,
+            "iterations": iterations,
+            "batch_size": batch_size,
             "workers": budget.workers,
             "threads_per_run": budget.threads,
             "device": budget.device,
@@ -599,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paired_vs_baseline": paired,
         "runs": runs,
         "plot": str(plot_path),
+        "predictions_plot": None if predictions_path is None else str(predictions_path),
     }
     path = write_results(args.name, results, args.results_dir)
     print(format_table(table, paired))

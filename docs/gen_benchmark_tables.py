@@ -370,9 +370,9 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     )
     text = (
         "The example loop on the built-in digit scenes (MobileNetV2 DeepLabV3+ with ImageNet "
-        f"weights, CPU), every method with the same budget: {setup['epochs']} epoch(s) of "
-        f"{setup['iters_per_epoch']} iterations of {setup['batch_size']} labelled + "
-        f"{setup['batch_size']} unlabelled images, "
+        "weights, CPU, the loop's demo recipe), every method with the same budget: "
+        f"{'/'.join(str(n) for n in setup['iterations'])} iterations ({setup['epochs']} "
+        f"epochs) of {setup['batch_size']} labelled + {setup['batch_size']} unlabelled images, "
         + (f"eps {setup['eps']:g}" if setup.get("eps") is not None else "the loop's default eps")
         + ", seeds "
         f"{', '.join(str(s) for s in setup['seeds'])}. Score: {setup['score']}, on {split}. A "
@@ -392,48 +392,14 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     plot = Path(results.get("plot", ""))
     if plot.parent.name == "assets" and plot.parent.parent.name == "docs":
         text += f"\n\n![mIoU per method and labelled-set size](assets/{plot.name})"
-    return text
-
-
-def _digit_identity(stem: str, payload: dict[str, Any]) -> str:
-    results = payload["results"]
-    setup = results["setup"]
-    seen = all("segmenter_seen_foreground_accuracy" in row for row in results["table"])
-
-    def cell(row: dict[str, Any], key: str) -> str:
-        return (
-            f"{100 * row[f'mean_{key}']:.1f} ("
-            + ", ".join(f"{100 * v:.1f}" for v in row[key])
-            + ")"
+    predictions = Path(results.get("predictions_plot") or "")
+    if predictions.parent.name == "assets" and predictions.parent.parent.name == "docs":
+        text += (
+            "\n\nThe first val images, the ground truth, and the final models of supervised only and"
+            f" UniMatch + DDFP at seed {min(setup['seeds'])}:\n\n"
+            f"![val images, ground truth and predictions](assets/{predictions.name})"
         )
-
-    keys = ["segmenter_foreground_accuracy"]
-    header = ["labelled scenes", "segmenter: foreground accuracy %"]
-    if seen:
-        keys.append("segmenter_seen_foreground_accuracy")
-        header.append("segmenter on its own labelled scenes %")
-    keys.append("classifier_accuracy")
-    header.append("classifier: accuracy %")
-    rows = [
-        [str(row["num_labeled"])] + [cell(row, key) for key in keys] for row in results["table"]
-    ]
-    seen_text = (
-        " The same final segmenter is also scored on scenes it was trained on (its labelled "
-        f"scenes, the first {setup['seen_scenes']} when there are more), whole and unaugmented."
-        if seen
-        else ""
-    )
-    return (
-        "Can the demo's model name the digits at the main job's budget "
-        f"({setup['iterations']} iterations of {setup['batch_size']} images)? The segmenter is "
-        "the example loop with `--mode supervised`, scored by its foreground accuracy (share of "
-        "the val split's digit pixels given their own digit); the classifier is the same "
-        "ImageNet MobileNetV2 trained as an image classifier on the digits cut out of the same "
-        f"labelled scenes (lr {setup['classifier_lr']:g}, as many steps), scored on the "
-        f"{setup['val_digits']} digits cut out of the val scenes. Chance is "
-        f"{100 * setup['chance']:.0f} % for both.{seen_text} Mean over seeds (each seed in "
-        "brackets).\n\n" + _table(header, rows)
-    )
+    return text
 
 
 def _flow_coupling(stem: str, payload: dict[str, Any]) -> str:
@@ -503,7 +469,6 @@ RENDERERS: dict[str, tuple[str, Callable[[str, dict[str, Any]], str]]] = {
         "Choosing the demo's settings: the same loop on held-out images",
         _ssl_demo,
     ),
-    "digit_identity": ("Why the demo's mIoU stays low: naming the digits", _digit_identity),
     "train_step": ("Cost of one training iteration", _train_step),
     "perturbation_family": ("Cost of each feature perturbation", _perturbation_family),
     "perturbation": (
@@ -625,22 +590,79 @@ def write_plots(results: list[Result], assets_dir: Path = ASSETS_DIR) -> list[Pa
     return written
 
 
+README = ROOT / "README.md"
+README_BEGIN = "<!-- demo results: written by docs/gen_benchmark_tables.py from ssl_demo.json -->"
+README_END = "<!-- end of demo results -->"
+
+
+def render_readme_results(payload: dict[str, Any]) -> str:
+    """The README's results table: one row per method of the study at its labelled-set size."""
+    results = payload["results"]
+    setup = results["setup"]
+    paired = {(row["method"], row["num_labeled"]): row for row in results["paired_vs_baseline"]}
+    size = max(setup["num_labeled"])
+    rows = []
+    for row in results["table"]:
+        if row["num_labeled"] != size:
+            continue
+        pair = paired.get((row["method"], size))
+        difference = "baseline"
+        if pair is not None:
+            difference = (
+                f"{100 * pair['mean_difference']:+.2f} "
+                f"({pair['wins']}/{len(pair['seeds'])} seeds above)"
+            )
+        rows.append(
+            [
+                row["label"],
+                f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f}",
+                ", ".join(f"{100 * v:.2f}" for v in row["miou"]),
+                difference,
+            ]
+        )
+    header = ["method", "mIoU % (mean ± std)", "per seed", "minus supervised only"]
+    return (
+        f"{README_BEGIN}\n"
+        f"Demo val split, {size} labelled images, seeds "
+        f"{', '.join(str(s) for s in setup['seeds'])}, "
+        f"{'/'.join(str(n) for n in setup['iterations'])} iterations each:\n\n"
+        f"{_table(header, rows)}\n{README_END}"
+    )
+
+
+def update_readme(text: str, payload: dict[str, Any]) -> str:
+    """``text`` with the block between the README markers replaced by the rendered table."""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    return text[:begin] + render_readme_results(payload) + text[end + len(README_END) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--page", type=Path, default=PAGE)
     parser.add_argument("--assets-dir", type=Path, default=ASSETS_DIR)
+    parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args(argv)
     results = load_results(args.results_dir)
     page = render_page(results)
+    study = dict(results).get("ssl_demo")
+    readme = args.readme.read_text()
+    new_readme = readme if study is None else update_readme(readme, study)
     if args.check:
         current = args.page.read_text() if args.page.is_file() else ""
-        if current != page:
-            print(f"{args.page} is out of date: run python docs/gen_benchmark_tables.py")
-            return 1
-        return 0
+        stale = [
+            path
+            for path, old, new in ((args.page, current, page), (args.readme, readme, new_readme))
+            if old != new
+        ]
+        for path in stale:
+            print(f"{path} is out of date: run python docs/gen_benchmark_tables.py")
+        return 1 if stale else 0
     args.page.write_text(page)
+    args.readme.write_text(new_readme)
     plots = write_plots(results, args.assets_dir)
     print(f"wrote {args.page} and {len(plots)} plots from {len(results)} result files")
     return 0

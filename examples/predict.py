@@ -110,7 +110,15 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     with warnings.catch_warnings():
         # The backbone is left random on purpose: the checkpoint overwrites every weight.
         warnings.simplefilter("ignore")
-        model = build_deeplabv3plus(args["backbone"], spec.num_classes)
+        model = build_deeplabv3plus(
+            args["backbone"],
+            spec.num_classes,
+            output_stride=args.get("output_stride"),
+            aspp_dilations=args.get("aspp_dilations"),
+            head_channels=args.get("head_channels") or 256,
+            low_reduced=args.get("low_reduced") or 48,
+            head_dropout=args.get("head_dropout", 0.1),
+        )
     if args.get("aux_bn"):
         from ddfp_lib import convert_to_dual_bn
 
@@ -119,7 +127,11 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     model.to(device).eval()
     estimator = None
     if "flow" in checkpoint:
-        estimator = FlowDensityEstimator(model.classifier.in_channels, spec.num_classes)
+        estimator = FlowDensityEstimator(
+            model.classifier.in_channels,
+            spec.num_classes,
+            hidden_dim=args.get("flow_hidden") or 256,
+        )
         estimator.load_state_dict(checkpoint["flow"])
         estimator.to(device).eval()
     return TrainedModel(model, estimator, args, spec)

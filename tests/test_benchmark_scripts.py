@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py, ssl_demo.py and digit_identity.py: their numbers come from what they claim.
+"""benchmarks/train_step.py and ssl_demo.py: their numbers come from what they claim.
 
 Nothing here asserts a speed; the measured numbers live in ``benchmarks/results``. The slow tests
 run each script's ``--quick`` mode and check the JSON fields the README quotes.
@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import digit_identity, ssl_demo, train_step  # noqa: E402
+from benchmarks import ssl_demo, train_step  # noqa: E402
 
 
 def _run(method: str, size: int, seed: int, miou: float) -> dict:
@@ -137,6 +137,21 @@ def test_every_method_command_is_read_by_the_loop_with_the_study_budget(loop, me
         ssl_demo.loop_command(method, 12, 4, out, budget, Path("/d"), True)[2:]
     )
     assert resumed.resume == "auto"
+
+
+def test_all_labeled_bound_labels_every_training_image_for_as_many_iterations(loop, tmp_path):
+    (tmp_path / "splits").mkdir()
+    lines = [f"JPEGImages/{i}.jpg SegmentationClass/{i}.png" for i in range(50)]
+    (tmp_path / "splits" / "train.txt").write_text("\n".join(lines) + "\n")
+    budget = ssl_demo.StudyBudget(batch_size=4)
+    command = ssl_demo.loop_command(ssl_demo.ALL_LABELED, 10, 0, Path("/tmp/run"), budget, tmp_path)
+    args = loop.parse_args(command[2:])
+    assert (args.mode, args.num_labeled) == ("supervised", 50)
+    # A semi run with 10 labels makes (50 - 10) // 4 = 10 iterations an epoch.
+    assert args.iters_per_epoch == 10 and args.epochs == loop.parse_args([]).epochs
+    capped = ssl_demo.StudyBudget(batch_size=4, iters_per_epoch=3)
+    command = ssl_demo.loop_command(ssl_demo.ALL_LABELED, 10, 0, Path("/r"), capped, tmp_path)
+    assert loop.parse_args(command[2:]).iters_per_epoch == 3
 
 
 # --------------------------------------------------------------------------------- train_step
@@ -288,100 +303,6 @@ def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop
         assert plain.device == "auto" and study.device == "cpu"
 
 
-# ----------------------------------------------------------------------------- digit_identity
-def _scene_folder(tmp_path: Path) -> Path:
-    """One 40x30 scene: digit 3 as a red 10x20 block, digit 7 as a 2-pixel speck, grey elsewhere."""
-    from PIL import Image
-
-    root = tmp_path / "scenes"
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "SegmentationClass").mkdir()
-    image = np.full((30, 40, 3), 128, np.uint8)
-    mask = np.zeros((30, 40), np.uint8)
-    image[5:25, 8:18] = (255, 0, 0)
-    mask[5:25, 8:18] = 1 + 3
-    mask[0, 0:2] = 1 + 7
-    Image.fromarray(image).save(root / "JPEGImages" / "a.png")
-    Image.fromarray(mask).save(root / "SegmentationClass" / "a.png")
-    return root
-
-
-def test_digit_crops_cut_each_digit_box_and_label_it_with_its_digit(tmp_path):
-    root = _scene_folder(tmp_path)
-    images, digits = digit_identity.digit_crops(
-        root, ["JPEGImages/a.png SegmentationClass/a.png"], size=16, min_pixels=3
-    )
-    assert digits.tolist() == [3], "the 2-pixel digit 7 is below min_pixels"
-    assert images.shape == (1, 3, 16, 16)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1)
-    red = (torch.tensor([1.0, 0.0, 0.0]).view(3, 1) - mean) / std
-    torch.testing.assert_close(images[0].flatten(1), red.expand(3, 256), atol=1e-2, rtol=0)
-    _, both = digit_identity.digit_crops(
-        root, ["JPEGImages/a.png SegmentationClass/a.png"], min_pixels=1
-    )
-    assert sorted(both.tolist()) == [3, 7]
-    with pytest.raises(ValueError, match="no digit"):
-        digit_identity.digit_crops(
-            root, ["JPEGImages/a.png SegmentationClass/a.png"], min_pixels=1000
-        )
-
-
-@pytest.mark.slow
-def test_digit_identity_quick_reports_the_loops_own_scores_and_the_classifiers(tmp_path):
-    command = [
-        sys.executable, "-m", "benchmarks.digit_identity", "--quick", "--threads", "1",
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
-    ]  # fmt: skip
-    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
-    results = json.loads((tmp_path / "digit_identity_quick.json").read_text())["results"]
-    [run] = results["runs"]
-    summary = json.loads(
-        (tmp_path / "runs" / "supervised" / "n8" / "seed0" / "summary.json").read_text()
-    )
-    assert run["segmenter_foreground_accuracy"] == summary["final_scores"]["foreground accuracy"]
-    assert run["segmenter_miou"] == summary["final_miou"]
-    assert results["setup"]["iterations"] == summary["iterations"] == 2
-    assert 0.0 <= run["classifier_accuracy"] <= 1.0
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    from ddfp_examples.datasets import draw_labeled_split, read_split_file
-
-    root = Path(results["setup"]["data_root"])
-    labelled, _ = draw_labeled_split(read_split_file(root / "splits" / "train.txt"), 8, 0)
-    assert run["classifier_train_digits"] == len(digit_identity.digit_crops(root, labelled)[1])
-    [row] = results["table"]
-    assert row["mean_classifier_accuracy"] == run["classifier_accuracy"]
-    assert run["segmenter_seen_scenes"] == 8
-    assert row["mean_segmenter_seen_foreground_accuracy"] == pytest.approx(
-        _seen_foreground_accuracy(tmp_path / "runs" / "supervised" / "n8" / "seed0", root, labelled)
-    ), "scored on the run's own labelled scenes with its final weights"
-
-
-def _seen_foreground_accuracy(run: Path, root: Path, lines: list[str]) -> float:
-    """Second implementation: the final model on each scene, correct digit pixels counted by hand."""
-    from ddfp_examples.models import build_deeplabv3plus
-    from PIL import Image
-
-    checkpoint = torch.load(run / "latest.pt", map_location="cpu", weights_only=False)
-    model = build_deeplabv3plus("mobilenet_v2", 11)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    correct = total = 0
-    for line in lines:
-        image_path, mask_path = line.split()
-        rgb = np.asarray(Image.open(root / image_path).convert("RGB"), dtype=np.float32) / 255.0
-        image = (torch.from_numpy(rgb).permute(2, 0, 1) - mean) / std
-        mask = torch.from_numpy(np.asarray(Image.open(root / mask_path)).astype(np.int64))
-        with torch.no_grad():
-            prediction = model(image[None]).argmax(1)[0]
-        digits = (mask > 0) & (mask != 255)
-        correct += int((prediction[digits] == mask[digits]).sum())
-        total += int(digits.sum())
-    return correct / total
-
-
 # ------------------------------------------------------------------------- ddfp_direction_study
 def test_direction_study_plans_every_variant_for_every_seed_on_the_tuning_data(loop, tmp_path):
     from benchmarks import ddfp_direction_study as study
@@ -413,12 +334,12 @@ def test_direction_study_plans_every_variant_for_every_seed_on_the_tuning_data(l
         differing = {k for k, v in vars(a).items() if v != reference[k]}
         assert differing <= own, f"{method} differs from the default in more than its rule"
     # The budget is ssl_demo's default one, i.e. the loop's own demo command.
-    budget = ssl_demo.StudyBudget()
     a = parsed[(0, "ddfp_default")]
+    plain = loop.parse_args(["--fp", "ddfp"])
     assert (a.epochs, a.iters_per_epoch, a.batch_size) == (
-        budget.epochs,
-        budget.iters_per_epoch,
-        budget.batch_size,
+        plain.epochs,
+        plain.iters_per_epoch,
+        plain.batch_size,
     )
 
 

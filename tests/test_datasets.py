@@ -179,8 +179,8 @@ def test_scan_cityscapes_layout_pairs_images_with_train_id_masks(
 
 
 def test_dataset_registry_class_counts_match_class_names() -> None:
-    assert len(VOC_CLASSES) == 21 and len(CITYSCAPES_CLASSES) == 19 and len(DEMO_CLASSES) == 11
-    assert DEMO_CLASSES[0] == "background" and DEMO_CLASSES[1:] == tuple("0123456789")
+    assert len(VOC_CLASSES) == 21 and len(CITYSCAPES_CLASSES) == 19 and len(DEMO_CLASSES) == 6
+    assert DEMO_CLASSES[0] == "background" and DEMO_CLASSES[1:] == tuple("01234")
     for spec in DATASETS.values():
         assert spec.num_classes == len(spec.class_names)
         assert spec.eval_mode in ("full", "sliding")

@@ -43,10 +43,11 @@ def test_mnist_sample_has_5000_digits_500_per_class() -> None:
     assert digits.max() == 255 and (digits.reshape(5000, -1).max(axis=1) > 0).all()
 
 
-def test_digit_pools_of_train_and_val_are_disjoint_and_cover_every_digit() -> None:
+def test_digit_pools_of_train_and_val_are_disjoint_and_cover_every_demo_digit() -> None:
     _, values = load_mnist_digits()
     pools = demo_data._split_digit_pools(values, np.random.default_rng(0))
-    for digit in range(10):
+    assert sorted(pools["train"]) == sorted(pools["val"]) == list(demo_data.DEMO_DIGITS)
+    for digit in demo_data.DEMO_DIGITS:
         train, val = set(pools["train"][digit]), set(pools["val"][digit])
         assert not train & val
         assert train | val == set(np.flatnonzero(values == digit).tolist())
@@ -173,7 +174,7 @@ def test_masks_are_palette_pngs_in_class_range_and_every_digit_class_appears(
         seen |= set(values.tolist())
         image = Image.open(demo_root / "JPEGImages" / f"{name}.jpg")
         assert image.size == mask.size and all(40 <= side <= 56 for side in mask.size)
-    assert seen == set(range(11))
+    assert seen == set(range(len(DEMO_CLASSES)))
 
 
 def test_generated_splits_load_through_semiseg_dataset(demo_root: Path) -> None:
@@ -189,10 +190,10 @@ def test_summary_counts_match_an_independent_count_of_the_masks(demo_root: Path)
     summary = demo_dataset_summary(demo_root)
     assert summary["num_images"] == {"train": 40, "val": 10}
     assert summary["class_names"] == list(DEMO_CLASSES)
-    counts = np.zeros(11, dtype=np.int64)
+    counts = np.zeros(len(DEMO_CLASSES), dtype=np.int64)
     for line in read_split_file(demo_root / "splits" / "val.txt"):
         counts += np.bincount(
-            np.asarray(Image.open(demo_root / line.split()[1])).ravel(), minlength=11
+            np.asarray(Image.open(demo_root / line.split()[1])).ravel(), minlength=len(counts)
         )
     assert summary["class_pixel_counts"]["val"] == counts.tolist()
     assert sum(summary["class_pixel_frequency"]["train"]) == pytest.approx(1.0)

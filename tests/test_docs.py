@@ -331,8 +331,8 @@ def test_demo_accuracy_study_is_the_first_measured_section_with_paired_differenc
         {"method": "unimatch_ddfp", "baseline": "unimatch_dropout", "num_labeled": 30,
          "seeds": [0, 1], "mean_difference": 0.02, "std_difference": 0.014, "wins": 2}
     ]  # fmt: skip
-    setup = {"split": "reported", "epochs": 1, "iters_per_epoch": 40, "batch_size": 2, "eps": 4.0,
-             "seeds": [0, 1], "score": "final-epoch mIoU"}  # fmt: skip
+    setup = {"split": "reported", "epochs": 1, "iters_per_epoch": 40, "iterations": [40],
+             "batch_size": 2, "eps": 4.0, "seeds": [0, 1], "score": "final-epoch mIoU"}  # fmt: skip
     study = {"results": {"setup": setup, "table": table, "paired_vs_baseline": paired}}
     (tmp_path / "ssl_demo.json").write_text(json.dumps(study))
     (tmp_path / "flow_coupling.json").write_text(json.dumps({"results": {"sizes": []}}))
@@ -408,164 +408,52 @@ def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
     assert results["results"]["settings"]["chunk_rows"] == 16384
 
 
-STUDY_NAMES = (
-    ("supervised", "supervised only"),
-    ("unimatch_dropout", "dropout FP"),
-    ("unimatch_ddfp", "DDFP"),
-    ("unimatch_random_direction", "random directions"),
-    ("unimatch_both", "dropout FP + DDFP"),
-)
+def _readme_results_block(readme: str) -> str:
+    generator = load_generator()
+    begin, end = readme.index(generator.README_BEGIN), readme.index(generator.README_END)
+    return readme[begin : end + len(generator.README_END)]
 
 
-def _mean_std(row: dict) -> str:
-    return f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f} %"
+def test_readme_results_table_is_the_study_json_rendered():
+    """The README's results block is exactly what the generator renders from ssl_demo.json."""
+    generator = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert _readme_results_block(readme) == generator.render_readme_results(payload)
 
 
-def _study_segment(readme: str, size: int) -> str:
-    """The README's sentence on the study at ``size`` labelled images, up to its source."""
-    start = readme.index(f"With {size} labelled images")
-    return readme[start : readme.index("(`benchmarks/ssl_demo.py`", start)]
+def test_readme_results_rows_are_the_mean_and_paired_difference_of_the_recorded_runs():
+    """Recomputed from the raw runs of ssl_demo.json, independently of the study's aggregates."""
+    payload = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    results = payload["results"]
+    size = max(results["setup"]["num_labeled"])
+    runs = [run for run in results["runs"] if run["num_labeled"] == size]
+    block = _readme_results_block((ROOT / "README.md").read_text())
+    base = {run["seed"]: run["final_miou"] for run in runs if run["method"] == "supervised"}
+    for method in {run["method"] for run in runs}:
+        mine = sorted((run["seed"], run["final_miou"]) for run in runs if run["method"] == method)
+        values = [100 * v for _, v in mine]
+        mean = sum(values) / len(values)
+        label = next(row["label"] for row in results["table"] if row["method"] == method)
+        line = next(line for line in block.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {mean:.2f} ± " in line, (method, line)
+        assert ", ".join(f"{v:.2f}" for v in values) in line
+        if method != "supervised":
+            differences = [100 * (v - base[seed]) for seed, v in mine]
+            wins = sum(d > 0 for d in differences)
+            assert f"{sum(differences) / len(differences):+.2f} ({wins}/{len(mine)}" in line
 
 
-def test_readme_main_job_and_supervised_numbers_are_the_recorded_runs() -> None:
-    """The README's main-job comparison quotes the seed-0 runs of ssl_demo.json at the demo's size."""
-    from ddfp_examples.demo_data import DEMO_NUM_LABELED
-
-    readme = flat_text(ROOT / "README.md")
-    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
-    runs = {
-        run["method"]: run
-        for run in results["results"]["runs"]
-        if run["num_labeled"] == DEMO_NUM_LABELED and run["seed"] == 0
-    }
-    main, supervised = runs["unimatch_ddfp"], runs["supervised"]
-    assert main["iterations"] == supervised["iterations"] == 300
-    assert main["seconds"] < 10.5 * 60, "the README says about 10 minutes of training"
-    setup = results["results"]["setup"]
-    assert (setup["epochs"], setup["iters_per_epoch"], setup["batch_size"]) == (5, 60, 8)
-    assert setup["eps"] is None, "the main job runs with the loop's own eps"
-    for phrase in (
-        f"seed 0, {DEMO_NUM_LABELED} labelled images, 300 iterations",
-        f"ends at mIoU {100 * main['final_miou']:.2f} %",
-        f"ends at {100 * supervised['final_miou']:.2f} %",
-    ):
-        assert phrase in readme, phrase
-    table = {
-        row["method"]: row
-        for row in results["results"]["table"]
-        if row["num_labeled"] == DEMO_NUM_LABELED
-    }
-    assert table["unimatch_ddfp"]["seeds"] == table["supervised"]["seeds"] == [0, 1, 2]
-    quoted = (
-        f"over seeds 0-2, {_mean_std(table['unimatch_ddfp'])} "
-        f"against {_mean_std(table['supervised'])}"
-    )
-    assert quoted in readme, quoted
-    [pair] = [
-        p
-        for p in results["results"]["paired_vs_baseline"]
-        if p["method"] == "unimatch_ddfp" and p["num_labeled"] == DEMO_NUM_LABELED
-    ]
-    assert pair["baseline"] == "supervised"
-    assert ("ahead on every seed" in readme) == (pair["wins"] == len(pair["seeds"]))
-    assert ("behind on every seed" in readme) == (pair["wins"] == 0)
-    helps = main["final_miou"] > supervised["final_miou"]
-    assert ("the unlabelled images help" in readme) == helps
-    accuracy = [100 * run["final_scores"]["foreground accuracy"] for run in (main, supervised)]
-    assert f"foreground accuracy {accuracy[0]:.2f} % against {accuracy[1]:.2f} %" in readme
-    guide = flat_text(ROOT / "docs" / "getting-started.md")
-    assert f"of which {DEMO_NUM_LABELED} are labelled" in guide
-    for command, run in (("", main), (" --mode supervised", supervised)):
-        scores = run["final_scores"]
-        row = (
-            f"| `python examples/voc_unimatch_plus_ddfp.py{command}` | "
-            f"{100 * run['final_miou']:.2f} | {100 * scores['foreground IoU']:.2f} | "
-            f"{100 * scores['foreground accuracy']:.2f} |"
-        )
-        assert row in guide, row
-
-
-def test_readme_study_numbers_are_the_recorded_grid_at_both_sizes() -> None:
-    """Every method's mean ± std at 60 labels and at the demo's size, and the 'do not help' claim."""
-    from ddfp_examples.demo_data import DEMO_NUM_LABELED
-
-    readme = flat_text(ROOT / "README.md")
-    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
-    assert sorted(results["results"]["setup"]["num_labeled"]) == sorted({60, DEMO_NUM_LABELED})
-    for size in (DEMO_NUM_LABELED, 60):
-        table = {r["method"]: r for r in results["results"]["table"] if r["num_labeled"] == size}
-        segment = _study_segment(readme, size)
-        for method, name in STUDY_NAMES:
-            assert table[method]["seeds"] == [0, 1, 2], (size, method)
-            quoted = f"{name} {_mean_std(table[method])}"
-            assert quoted in segment, (size, quoted)
-        helps = any(
-            row["mean_miou"] > table["supervised"]["mean_miou"]
-            for method, row in table.items()
-            if method != "supervised"
-        )
-        assert ("do not help yet, with any feature perturbation" in segment) == (not helps), size
-    paired = {
-        p["method"]: p["mean_difference"]
-        for p in results["results"]["paired_vs_baseline"]
-        if p["num_labeled"] == DEMO_NUM_LABELED
-    }
-    if "A random step of DDFP's length gets most of DDFP's gain" in readme:
-        gain = paired["unimatch_ddfp"]
-        assert 0 < 0.5 * gain < paired["unimatch_random_direction"] < gain
-    if "UniMatch's dropout FP, which drops half of MobileNetV2's channels, loses" in readme:
-        assert paired["unimatch_dropout"] < 0
-
-
-def test_readme_labelled_set_size_was_chosen_on_the_tuning_split() -> None:
-    """The README's tuning-split numbers for the demo's size are ssl_demo_tuning.json's."""
-    from ddfp_examples.demo_data import DEMO_NUM_LABELED
-
-    readme = flat_text(ROOT / "README.md")
-    path = ROOT / "benchmarks" / "results" / "ssl_demo_tuning.json"
-    results = json.loads(path.read_text())["results"]
-    assert results["setup"]["split"] == "tuning" and results["setup"]["eps"] is None
-    table = {r["method"]: r for r in results["table"] if r["num_labeled"] == DEMO_NUM_LABELED}
-    assert table["unimatch_ddfp"]["seeds"] == table["supervised"]["seeds"] == [0, 1, 2]
-    quoted = (
-        f"held-out training images (`--split tuning`, seeds 0-2: DDFP "
-        f"{_mean_std(table['unimatch_ddfp'])} against {_mean_std(table['supervised'])}, ahead on "
-        "every seed"
-    )
-    assert quoted in readme, quoted
-    [pair] = [p for p in results["paired_vs_baseline"] if p["num_labeled"] == DEMO_NUM_LABELED]
-    assert pair["method"] == "unimatch_ddfp" and pair["wins"] == len(pair["seeds"]) == 3
-    guide = flat_text(ROOT / "docs" / "getting-started.md")
-    quoted = (
-        f"scores {_mean_std(table['unimatch_ddfp'])} against {_mean_std(table['supervised'])} "
-        "for supervised only, ahead on every seed"
-    )
-    assert quoted in guide, quoted
-
-
-def test_readme_digit_identity_numbers_are_the_recorded_study() -> None:
-    """The README's explanation of the demo's low mIoU quotes benchmarks/results/digit_identity.json."""
-    readme = flat_text(ROOT / "README.md")
-    results = json.loads((ROOT / "benchmarks" / "results" / "digit_identity.json").read_text())
-    table = {row["num_labeled"]: row for row in results["results"]["table"]}
-    setup = results["results"]["setup"]
-    assert setup["iterations"] == 300 and setup["batch_size"] == 8 and setup["backbone_weights"]
-    assert all(len(row["classifier_accuracy"]) == 3 for row in table.values()), "seeds 0-2"
-    for phrase in (
-        f"names {100 * table[60]['mean_classifier_accuracy']:.1f} % of the val digits",
-        f"({100 * table[2400]['mean_classifier_accuracy']:.1f} % from 2400 labelled scenes",
-        f"still gives {100 * table[2400]['mean_segmenter_foreground_accuracy']:.1f} % of digit "
-        "pixels their digit",
-        f"names {100 * table[60]['mean_segmenter_seen_foreground_accuracy']:.1f} % of the digit "
-        "pixels of the 60 scenes it trained on",
-    ):
-        assert phrase in readme, phrase
-    ssl = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
-    supervised = [
-        run["final_scores"]["foreground accuracy"]
-        for run in ssl["results"]["runs"]
-        if run["method"] == "supervised" and run["num_labeled"] == 60
-    ]
-    assert sorted(table[60]["segmenter_foreground_accuracy"]) == sorted(supervised), (
-        "the 60-label segmenter runs are the ssl_demo study's supervised runs"
-    )
+def test_generator_check_fails_when_the_readme_table_is_stale(tmp_path):
+    generator = load_generator()
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    page = tmp_path / "benchmarks.md"
+    page.write_text((DOCS / "benchmarks.md").read_text())
+    options = ["--check", "--readme", str(readme), "--page", str(page)]
+    assert generator.main(options) == 0
+    block = _readme_results_block(readme.read_text())
+    first_row = next(line for line in block.splitlines() if line.startswith("| supervised only |"))
+    stale = first_row.replace("|", "| 1", 2)
+    readme.write_text(readme.read_text().replace(first_row, stale))
+    assert generator.main(options) == 1

@@ -684,3 +684,67 @@ def test_own_classes_example_of_the_docs_runs_and_reports_the_generated_class_na
     names = (root / "classes.txt").read_text().split()
     assert list(summary["final_iou_per_class"]) == names == ["background", "rectangle", "disc"]
     assert summary["iterations"] == 2
+
+
+def test_recipe_fills_every_unset_option_and_a_given_flag_wins(tiny_voc_root, tmp_path):
+    from dataclasses import fields
+
+    from ddfp_examples.recipes import RECIPES
+
+    module = load_script()
+    voc = ["--dataset", "voc", "--data-root", str(tiny_voc_root), "--num-labeled", "4"]
+    voc += ["--val-list", str(tiny_voc_root / "val.txt")]
+    cases = (
+        (["--dataset", "demo"], "demo"),
+        (voc, "paper"),
+        ([*voc, "--recipe", "demo"], "demo"),
+    )
+    for argv, name in cases:
+        args = module.parse_args(argv)
+        assert args.recipe == name
+        for field in fields(RECIPES[name]):
+            expected = getattr(RECIPES[name], field.name)
+            if expected is None:
+                continue
+            got = getattr(args, field.name)
+            assert (tuple(got) if isinstance(got, (list, tuple)) else got) == expected, field.name
+    assert module.parse_args(voc).crop_size == 321, "the paper recipe keeps the dataset's crop"
+    given = module.parse_args([*voc, "--recipe", "demo", "--lr", "0.02", "--threshold", "0.5"])
+    assert (given.lr, given.threshold, given.optimizer) == (0.02, 0.5, "adamw")
+    assert module.parse_args(["--dataset", "demo", "--backbone", "auto"]).backbone == "mobilenet_v2"
+    assert module.parse_args(["--dataset", "demo", "--epochs", "1"]).warmup_epochs == 0
+    with pytest.raises(SystemExit):
+        module.parse_args(["--dataset", "demo", "--epochs", "1", "--warmup-epochs", "1"])
+
+
+def test_decoder_width_and_stride_flags_reach_the_model_and_the_rebuilt_checkpoint(
+    tiny_voc_root, tmp_path
+):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from predict import load_trained_model
+
+    module = load_script()
+    flags = ["--fp", "ddfp", "--head-channels", "32", "--low-reduced", "16"]
+    flags += ["--output-stride", "16", "--flow-hidden", "24", "--optimizer", "adamw"]
+    module.main(tiny_args(tiny_voc_root, tmp_path, *flags, "--lr-warmup-iters", "1"))
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert checkpoint["model"]["classifier.weight"].shape[1] == 32
+    assert checkpoint["model"]["head.0.weight"].shape[1] == 16 + 32
+    assert checkpoint["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+    trained = load_trained_model(tmp_path / "latest.pt")
+    assert trained.model.backbone.output_stride == 16
+    assert trained.model.classifier.in_channels == 32
+    widths = {m.out_features for m in trained.estimator.modules() if isinstance(m, torch.nn.Linear)}
+    assert 24 in widths and 256 not in widths
+
+
+def test_warmup_iterations_ramp_the_learning_rate_then_decay_it(tiny_voc_root, tmp_path):
+    module = load_script()
+    args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, "--lr-warmup-iters", "3"))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    rates = [module.set_poly_lr(optimizer, args, i, 10) for i in range(10)]
+    assert rates[:3] == pytest.approx([args.lr * k / 4 for k in (1, 2, 3)])
+    assert rates[3] == pytest.approx(args.lr)
+    assert rates[4:] == pytest.approx([args.lr * (1 - k / 7) ** 0.9 for k in range(1, 7)])
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(rates[-1] * args.head_lr_mult)

@@ -134,7 +134,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cityscapes": DatasetSpec(19, CITYSCAPES_CLASSES, True, 801, "sliding"),
     # Mirrored digits are not digits, so the demo must not flip. Its images are barely larger
     # than the crop, so a resize by up to 2x would show fragments of digits: 0.8-1.25 instead.
-    "demo": DatasetSpec(11, DEMO_CLASSES, False, 64, "full", (0.8, 1.25)),
+    "demo": DatasetSpec(len(DEMO_CLASSES), DEMO_CLASSES, False, 64, "full", (0.8, 1.25)),
 }
 
 #: A folder in Pascal VOC layout with its own classes, described by flags (see :func:`dataset_spec`).
