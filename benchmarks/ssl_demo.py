@@ -460,7 +460,7 @@ def plot_predictions(
     import numpy as np
     import torch
     from ddfp_examples.datasets import SemiSegDataset, read_split_file
-    from ddfp_examples.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ddfp_examples.transforms import denormalize
     from predict import load_trained_model, voc_palette
 
     models = [(title, load_trained_model(checkpoint)) for title, checkpoint in checkpoints]
@@ -468,17 +468,13 @@ def plot_predictions(
     lines = read_split_file(Path(data_root) / "splits" / "val.txt")[:num_images]
     dataset = SemiSegDataset(data_root, lines, "val", crop_size=None, num_classes=num_classes)
     palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    mean, std = (
-        torch.tensor(IMAGENET_MEAN)[:, None, None],
-        torch.tensor(IMAGENET_STD)[:, None, None],
-    )
     columns = ["image", "ground truth", *(title for title, _ in models)]
     figure, axes = plt.subplots(
         len(lines), len(columns), figsize=(1.6 * len(columns), 1.6 * len(lines)), squeeze=False
     )
     for row in range(len(lines)):
         image, mask, _ = dataset[row]
-        panels = [(image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), palette[mask.numpy()]]
+        panels = [denormalize(image).numpy(), palette[mask.numpy()]]
         with torch.no_grad():
             for _, trained in models:
                 prediction = trained.model(image[None]).argmax(dim=1)[0]

@@ -34,7 +34,7 @@ from ddfp_examples.datasets import (  # noqa: E402
     scan_cityscapes_layout,
 )
 from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
-from ddfp_examples.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ddfp_examples.transforms import denormalize  # noqa: E402
 from predict import TrainedModel, load_trained_model, voc_palette  # noqa: E402
 
 from ddfp_lib import DensityDescendingPerturbation, pseudo_labels  # noqa: E402
@@ -161,8 +161,6 @@ def draw_grid(rows: list[dict[str, Any]], threshold: float, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     palette = torch.tensor(voc_palette(), dtype=torch.uint8).reshape(256, 3)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
     with_flow = "log_density" in rows[0]["analysis"]
     titles = column_titles(threshold, with_flow)
     fig, axes = plt.subplots(
@@ -170,7 +168,7 @@ def draw_grid(rows: list[dict[str, Any]], threshold: float, out: Path) -> Path:
     )
     for axes_row, row in zip(axes, rows):
         analysis, mask = row["analysis"], row["mask"]
-        picture = (row["image"] * std + mean).clamp(0, 1).permute(1, 2, 0)
+        picture = denormalize(row["image"])
         axes_row[0].imshow(picture.numpy())
         axes_row[0].set_ylabel(row["id"], fontsize=8)
         axes_row[1].imshow(_colour(mask, palette).numpy())

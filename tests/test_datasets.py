@@ -568,3 +568,12 @@ def test_own_ignore_value_reads_as_255_and_the_old_255_is_then_out_of_range(
         SemiSegDataset(root, [line], "val", None, 3, ignore_index=7)[0]
     with pytest.raises(ValueError, match="ignore_index must be in 3..255"):
         SemiSegDataset(root, [line], "val", None, 3, ignore_index=1)
+
+
+def test_denormalize_inverts_normalize_for_display() -> None:
+    from ddfp_examples.transforms import denormalize, normalize
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    shown = denormalize(normalize(Image.fromarray(pixels)))
+    assert shown.shape == (5, 7, 3)
+    assert torch.allclose(shown, torch.from_numpy(pixels).float() / 255, atol=1e-6)

@@ -24,6 +24,7 @@ __all__ = [
     "StrongView",
     "cutmix_box",
     "normalize",
+    "denormalize",
     "mask_to_tensor",
 ]
 
@@ -313,6 +314,18 @@ def normalize(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         raise ValueError(f"normalize expects an RGB image, got mode {image.mode!r}")
     return _TO_NORMALIZED(image)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`normalize` for display.
+
+    Shape:
+        - Input: ``(3, H, W)`` normalised image.
+        - Output: ``(H, W, 3)`` float in ``[0, 1]``.
+    """
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (image * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
