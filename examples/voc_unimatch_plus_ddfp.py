@@ -258,7 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="defaults for every option left unset: paper = UniMatch/DDFP's VOC schedule "
         "(ResNet-101, SGD, 80 epochs); demo = a minutes-long CPU schedule for small images "
-        "(MobileNetV2, 96-channel decoder, AdamW, 2 epochs, crop 64), chosen on held-out "
+        f"(MobileNetV2, {RECIPES['demo'].head_channels}-channel decoder, AdamW, "
+        f"{RECIPES['demo'].epochs} epochs, crop {RECIPES['demo'].crop_size}), chosen on held-out "
         "training images. Default: demo for --dataset demo, paper otherwise",
     )
     method.add_argument(
@@ -338,7 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=None,
-        help="passes over the unlabelled images (paper 80, demo 2)",
+        help="passes over the unlabelled images "
+        f"(paper {RECIPES['paper'].epochs}, demo {RECIPES['demo'].epochs})",
     )
     optim.add_argument(
         "--warmup-epochs",
