@@ -3,12 +3,16 @@
 The headline is Density-Descending Feature Perturbation (DDFP): a normalizing flow learns the density
 of a segmenter's features online, confident features are pushed down that density, and the classifier
 learns to keep its prediction for the pushed feature.
+
+The names below are what a training loop calls. The functional forms of the perturbations and the
+base classes for new ones live in :mod:`ddfp_lib.perturbations`, the flow's building blocks in
+:mod:`ddfp_lib.flows` and :mod:`ddfp_lib.distributions`.
 """
 
 from .batchnorm import DualBatchNorm2d, convert_to_dual_bn, perturbed_bn
 from .density import UNKNOWN_CLASS, FlowDensityEstimator
 from .hooks import perturb_output
-from .losses import ConsistencyLoss, consistency_loss, pseudo_labels
+from .losses import IGNORE_INDEX, ConsistencyLoss, consistency_loss, pseudo_labels
 from .perturbations import (
     DensityDescendingPerturbation,
     DropoutPerturbation,
@@ -19,14 +23,13 @@ from .perturbations import (
     VATPerturbation,
     available_perturbations,
     build_perturbation,
-    call_head_without_side_effects,
-    density_descent_direction,
 )
 from .training import OnlineFlowTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IGNORE_INDEX",
     "UNKNOWN_CLASS",
     "ConsistencyLoss",
     "DensityDescendingPerturbation",
@@ -42,10 +45,8 @@ __all__ = [
     "__version__",
     "available_perturbations",
     "build_perturbation",
-    "call_head_without_side_effects",
     "consistency_loss",
     "convert_to_dual_bn",
-    "density_descent_direction",
     "perturb_output",
     "perturbed_bn",
     "pseudo_labels",

@@ -1,7 +1,8 @@
 """Input checks and layout changes shared by the public modules.
 
 Feature tensors arrive in three layouts: rows ``(N, D)``, maps ``(B, D, H, W)`` and token sequences
-``(B, N, D)``. Every module works on rows internally; :class:`RowLayout` converts in and out.
+``(B, N, D)``. The public entry points check them once, with :func:`check_features`; every module
+works on rows internally, and :class:`RowLayout` converts in and out of a checked tensor.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from einops import rearrange
 __all__ = [
     "RowLayout",
     "autocast_off",
+    "check_features",
     "check_finite",
     "check_mask",
+    "check_mask_shape",
     "check_positive",
     "is_tracing",
 ]
+
+#: How error messages write each layout, by its number of dimensions.
+LAYOUTS = {2: "(N, D)", 3: "(B, N, D)", 4: "(B, D, H, W)"}
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -61,13 +67,45 @@ def check_finite(x: torch.Tensor, name: str, sync_free: bool = False) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_features(
+    x: object,
+    name: str = "features",
+    ndims: tuple[int, ...] = (2, 3, 4),
+    dim: int | None = None,
+    sync_free: bool = False,
+) -> None:
+    """Raise ValueError unless ``x`` is a finite floating tensor in a layout of ``ndims``.
+
+    Args:
+        x: the tensor to check.
+        name: how error messages refer to ``x``.
+        ndims: the accepted numbers of dimensions (see :data:`LAYOUTS`).
+        dim: the expected feature size ``D``; None accepts any.
+        sync_free: check finiteness without a host-device synchronisation (see :func:`check_finite`).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ndims:
+        layouts = " or ".join(LAYOUTS[n] for n in ndims)
+        raise ValueError(f"{name} must have shape {layouts}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    size = x.shape[RowLayout(x).feature_axis]
+    if dim is not None and size != dim:
+        raise ValueError(
+            f"{name} has feature size {size} in layout {LAYOUTS[x.dim()]} "
+            f"(shape {tuple(x.shape)}), expected D={dim}"
+        )
+    check_finite(x, name, sync_free)
+
+
 class RowLayout:
     """Flatten a feature tensor to rows ``(N, D)`` and restore its layout afterwards.
 
+    The tensor is not checked here: it comes from a public entry point that checked it.
+
     Args:
         x: features in one of the layouts ``(N, D)``, ``(B, D, H, W)`` or ``(B, N, D)``.
-        dim: the expected feature size ``D``; None accepts any.
-        name: how error messages refer to ``x``.
 
     Shape:
         - ``(N, D)``: rows as they are; per-row values come back as ``(N,)``.
@@ -75,34 +113,15 @@ class RowLayout:
         - ``(B, N, D)``: feature dimension last; per-row values come back as ``(B, N)``.
     """
 
-    def __init__(self, x: torch.Tensor, dim: int | None = None, name: str = "features"):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() not in (2, 3, 4):
-            raise ValueError(
-                f"{name} must have shape (N, D), (B, N, D) or (B, D, H, W); got {tuple(x.shape)}"
-            )
+    def __init__(self, x: torch.Tensor):
         self.ndim = x.dim()
         self.shape = tuple(x.shape)
-        feature_axis = 1 if self.ndim in (2, 4) else 2
-        self.feature_size = x.shape[feature_axis]
-        if dim is not None and self.feature_size != dim:
-            layout = {2: "(N, D)", 3: "(B, N, D)", 4: "(B, D, H, W)"}[self.ndim]
-            raise ValueError(
-                f"{name} has feature size {self.feature_size} in layout {layout} "
-                f"(shape {self.shape}), expected D={dim}"
-            )
+        self.feature_axis = 2 if self.ndim == 3 else 1
 
     @property
     def row_shape(self) -> tuple[int, ...]:
         """Shape that per-row values (labels, masks, log-densities) have in this layout."""
-        if self.ndim == 2:
-            return (self.shape[0],)
-        if self.ndim == 3:
-            return self.shape[:2]
-        return (self.shape[0], self.shape[2], self.shape[3])
+        return self.shape[: self.feature_axis] + self.shape[self.feature_axis + 1 :]
 
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in this layout -> ``(N, D)``."""
@@ -130,19 +149,30 @@ class RowLayout:
         return values.reshape(self.row_shape)
 
 
-def check_mask(
-    mask: torch.Tensor | None, row_shape: tuple[int, ...], name: str = "mask"
-) -> torch.Tensor | None:
-    """Check that ``mask`` is a bool tensor of ``row_shape`` (None passes through)."""
-    if mask is None:
-        return None
+def check_mask(mask: object, row_shape: tuple[int, ...], spatial: bool = True) -> None:
+    """Raise ValueError unless ``mask`` is a bool tensor with one entry per row of ``row_shape``.
+
+    With ``spatial=False`` the mask of a map may have another spatial size than ``row_shape``
+    (a mask at a head output's resolution, compared with :func:`check_mask_shape` once the head
+    has run); its number of dimensions and batch size must still match.
+    """
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a bool torch.Tensor, got {type(mask).__name__}")
+        raise ValueError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"{name} must have dtype torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(row_shape):
+        raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if spatial or len(row_shape) == 1:
+        check_mask_shape(mask, row_shape)
+    elif mask.dim() != len(row_shape) or mask.shape[0] != row_shape[0]:
         raise ValueError(
-            f"{name} has shape {tuple(mask.shape)}, expected {tuple(row_shape)} "
+            f"mask has shape {tuple(mask.shape)}, expected ({row_shape[0]}, H', W') "
             "(one entry per pixel of the head output)"
         )
-    return mask
+
+
+def check_mask_shape(mask: torch.Tensor, row_shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless the (checked) ``mask`` has exactly ``row_shape``."""
+    if tuple(mask.shape) != tuple(row_shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected {tuple(row_shape)} "
+            "(one entry per pixel of the head output)"
+        )

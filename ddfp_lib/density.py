@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import RowLayout, autocast_off, check_finite
+from ._checks import RowLayout, autocast_off, check_features
 from .distributions import GaussianMixturePrior
 from .flows import build_glow_flow
 
@@ -25,6 +25,7 @@ __all__ = ["FlowDensityEstimator", "UNKNOWN_CLASS"]
 UNKNOWN_CLASS = -1
 
 _COMPUTE_DTYPES = {torch.float32, torch.float64}
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 class FlowDensityEstimator(nn.Module):
@@ -114,15 +115,15 @@ class FlowDensityEstimator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map features to latents: returns ``z`` (layout of ``x``) and ``log|det dz/dx|`` (per row)."""
-        layout = RowLayout(x, self.dim, "x")
-        check_finite(x, "x")
-        z, log_det = self.transform_rows(layout.to_rows(x))
+        check_features(x, "x", dim=self.dim)
+        layout = RowLayout(x)
+        z, log_det = self._to_latent(layout.to_rows(x))
         return layout.from_rows(z), layout.values_from_rows(log_det)
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Map latents back to features (layout of ``z``)."""
-        layout = RowLayout(z, self.dim, "z")
-        check_finite(z, "z")
+        check_features(z, "z", dim=self.dim)
+        layout = RowLayout(z)
         dtype = self.compute_dtype
         with autocast_off(z.device.type):
             x, _ = self.flow.inverse(layout.to_rows(z).to(dtype))
@@ -136,9 +137,21 @@ class FlowDensityEstimator(nn.Module):
             labels: optional long tensor with one entry per row: a class in ``[0, K)`` selects that
                 class's component, ``-1`` the mixture. Anything else raises ValueError.
         """
-        layout = RowLayout(x, self.dim, "x")
-        check_finite(x, "x")
-        row_labels = self._check_labels(labels, layout)
+        check_features(x, "x", dim=self.dim)
+        layout = RowLayout(x)
+        row_labels = None
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.dtype not in _LABEL_DTYPES:
+                raise ValueError(
+                    "labels must be an integer torch.Tensor (class index, or -1 for unknown)"
+                )
+            if tuple(labels.shape) != layout.row_shape:
+                raise ValueError(
+                    f"labels has shape {tuple(labels.shape)}, expected {layout.row_shape} "
+                    "(one label per feature row)"
+                )
+            row_labels = layout.values_to_rows(labels).long()
+            check_labels(row_labels, self.num_classes)
         log_p = self.log_prob_rows(layout.to_rows(x), row_labels)
         return layout.values_from_rows(log_p)
 
@@ -150,43 +163,56 @@ class FlowDensityEstimator(nn.Module):
         """Mean negative log-density in bits per feature dimension: ``nll / (D ln 2)``."""
         return self.nll(x, labels) / (self.dim * math.log(2.0))
 
-    def transform_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow on rows without input checks: ``(N, D)`` -> ``z (N, D)``, ``log_det (N,)``, both in
-        :attr:`compute_dtype` whatever the dtype of ``rows`` and the autocast state."""
+    def log_prob_rows(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p`` of rows ``(N, D)`` without input checks: the one entry point for the library's
+        own callers, which checked their inputs already (and must not synchronise with the device).
+
+        ``labels``: ``(N,)`` long in ``[-1, K)``. The result is in :attr:`compute_dtype`, whatever
+        the dtype of ``rows`` and the autocast state.
+        """
+        z, log_det = self._to_latent(rows)
+        with autocast_off(rows.device.type):
+            return self.prior.log_prob(z, labels) + log_det
+
+    def _to_latent(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow on rows, in :attr:`compute_dtype` with autocast off: ``z (N, D)``, ``log_det (N,)``."""
         dtype = self.compute_dtype
         with autocast_off(rows.device.type):
             return self.flow(rows.to(dtype))
 
-    def log_prob_rows(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p`` of rows ``(N, D)`` without input checks, for callers that validated already
-        (and must not synchronise with the device). ``labels``: ``(N,)`` long in ``[-1, K)``."""
-        z, log_det = self.transform_rows(rows)
-        with autocast_off(rows.device.type):
-            return self.prior.log_prob(z, labels) + log_det
 
-    def _check_labels(self, labels: torch.Tensor | None, layout: RowLayout) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (
-            torch.int64,
-            torch.int32,
-            torch.int16,
-            torch.uint8,
-            torch.int8,
-        ):
-            raise ValueError(
-                "labels must be an integer torch.Tensor (class index, or -1 for unknown)"
-            )
-        if tuple(labels.shape) != layout.row_shape:
-            raise ValueError(
-                f"labels has shape {tuple(labels.shape)}, expected {layout.row_shape} "
-                "(one label per feature row)"
-            )
-        labels = labels.reshape(-1).long()
-        bad = labels[(labels < UNKNOWN_CLASS) | (labels >= self.num_classes)]
-        if bad.numel() > 0:
-            raise ValueError(
-                f"label {int(bad[0])} is out of range: expected a class in [0, {self.num_classes}) "
-                f"or {UNKNOWN_CLASS} for an unknown class"
-            )
-        return labels
+def check_estimator(estimator: object) -> FlowDensityEstimator:
+    """Return ``estimator``, or raise ValueError if it is not a :class:`FlowDensityEstimator`."""
+    if not isinstance(estimator, FlowDensityEstimator):
+        raise ValueError(
+            f"estimator must be a FlowDensityEstimator, got {type(estimator).__name__}"
+        )
+    return estimator
+
+
+def check_labels(
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    sync_free: bool = False,
+) -> None:
+    """Raise ValueError unless every label is a class in ``[0, K)``, :data:`UNKNOWN_CLASS` or
+    ``ignore_index`` (None: no label is ignored).
+
+    With ``sync_free`` on CUDA the check is a device-side assertion, so the host never waits for
+    the device; other devices have none and raise.
+    """
+    bad = (labels < UNKNOWN_CLASS) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (labels != ignore_index)
+    if sync_free and labels.device.type == "cuda":
+        torch._assert_async(~bad.any(), "labels outside [-1, K) and not ignore_index")
+        return
+    if bool(bad.any()):
+        choices = [f"a class in [0, {num_classes})", f"{UNKNOWN_CLASS} (unknown class)"]
+        if ignore_index is not None:
+            choices.append(f"ignore_index={ignore_index}")
+        raise ValueError(
+            f"label {int(labels[bad][0])} is out of range: expected "
+            f"{', '.join(choices[:-1])} or {choices[-1]}"
+        )

@@ -33,17 +33,17 @@ def soft_clamp(raw: torch.Tensor, clamp: float) -> torch.Tensor:
     return clamp * _ATAN_SCALE * torch.atan(raw / clamp)
 
 
-def coupling_subnet(in_features: int, out_features: int, hidden_features: int) -> nn.Sequential:
+def coupling_subnet(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
     """The MLP that predicts log-scale and shift: Linear-ReLU-Linear-ReLU-Linear.
 
     The last layer starts at zero, so a new coupling is the identity.
     """
     net = nn.Sequential(
-        nn.Linear(in_features, hidden_features),
+        nn.Linear(in_dim, hidden_dim),
         nn.ReLU(),
-        nn.Linear(hidden_features, hidden_features),
+        nn.Linear(hidden_dim, hidden_dim),
         nn.ReLU(),
-        nn.Linear(hidden_features, out_features),
+        nn.Linear(hidden_dim, out_dim),
     )
     last = cast(nn.Linear, net[-1])
     nn.init.zeros_(last.weight)
@@ -59,8 +59,8 @@ class GlowCoupling(Transform):
     together in one matmul.
 
     Args:
-        features: input size D (>= 2).
-        hidden_features: width of the subnets' hidden layers.
+        dim: input size D (>= 2).
+        hidden_dim: width of the subnets' hidden layers.
         clamp: bound on the absolute log-scale.
 
     Shape:
@@ -71,25 +71,25 @@ class GlowCoupling(Transform):
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 
     Examples:
-        >>> coupling = GlowCoupling(6, hidden_features=16)
+        >>> coupling = GlowCoupling(6, hidden_dim=16)
         >>> x = torch.randn(4, 6)
         >>> y, log_det = coupling(x)
         >>> bool(torch.equal(y, x)), log_det.abs().max().item()
         (True, 0.0)
     """
 
-    def __init__(self, features: int, hidden_features: int = 256, clamp: float = 2.0):
-        if features < 2:
-            raise ValueError(f"a coupling needs at least 2 features, got {features}")
+    def __init__(self, dim: int, hidden_dim: int = 256, clamp: float = 2.0):
+        if dim < 2:
+            raise ValueError(f"a coupling needs at least 2 features, got {dim}")
         if clamp <= 0:
             raise ValueError(f"clamp must be > 0, got {clamp}")
         super().__init__()
-        self.features = features
-        self.split = features // 2
+        self.dim = dim
+        self.split = dim // 2
         self.clamp = float(clamp)
-        first, second = self.split, features - self.split
-        self.subnet1 = coupling_subnet(second, 2 * first, hidden_features)
-        self.subnet2 = coupling_subnet(first, 2 * second, hidden_features)
+        first, second = self.split, dim - self.split
+        self.subnet1 = coupling_subnet(second, 2 * first, hidden_dim)
+        self.subnet2 = coupling_subnet(first, 2 * second, hidden_dim)
 
     def _scale_shift(
         self, subnet: nn.Module, condition: torch.Tensor, size: int
@@ -104,7 +104,7 @@ class GlowCoupling(Transform):
         x1, x2 = inputs[:, : self.split], inputs[:, self.split :]
         s1, t1 = self._scale_shift(self.subnet1, x2, self.split)
         y1 = x1 * torch.exp(s1) + t1
-        s2, t2 = self._scale_shift(self.subnet2, y1, self.features - self.split)
+        s2, t2 = self._scale_shift(self.subnet2, y1, self.dim - self.split)
         y2 = x2 * torch.exp(s2) + t2
         log_det = s1.sum(dim=1) + s2.sum(dim=1)
         return torch.cat([y1, y2], dim=1), log_det
@@ -113,7 +113,7 @@ class GlowCoupling(Transform):
         self, inputs: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y1, y2 = inputs[:, : self.split], inputs[:, self.split :]
-        s2, t2 = self._scale_shift(self.subnet2, y1, self.features - self.split)
+        s2, t2 = self._scale_shift(self.subnet2, y1, self.dim - self.split)
         x2 = (y2 - t2) * torch.exp(-s2)
         s1, t1 = self._scale_shift(self.subnet1, x2, self.split)
         x1 = (y1 - t1) * torch.exp(-s1)
@@ -122,18 +122,18 @@ class GlowCoupling(Transform):
 
 
 def build_glow_flow(
-    features: int,
+    dim: int,
     num_blocks: int = 2,
-    hidden_features: int = 256,
+    hidden_dim: int = 256,
     clamp: float = 2.0,
     generator: torch.Generator | None = None,
 ) -> CompositeTransform:
     """Stack ``num_blocks`` × (GlowCoupling, fixed random permutation) as an nflows transform.
 
     Args:
-        features: feature size D.
+        dim: feature size D.
         num_blocks: number of coupling blocks.
-        hidden_features: subnet width.
+        hidden_dim: subnet width.
         clamp: log-scale bound of every coupling.
         generator: draws the permutations and the subnets' first layers; None uses the global RNG.
     """
@@ -141,11 +141,11 @@ def build_glow_flow(
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     transforms: list[Transform] = []
     for _ in range(num_blocks):
-        coupling = GlowCoupling(features, hidden_features, clamp)
+        coupling = GlowCoupling(dim, hidden_dim, clamp)
         if generator is not None:
             _reinit_hidden_layers(coupling, generator)
         transforms.append(coupling)
-        transforms.append(Permutation(torch.randperm(features, generator=generator)))
+        transforms.append(Permutation(torch.randperm(dim, generator=generator)))
     return CompositeTransform(transforms)
 
 

@@ -18,7 +18,8 @@ from einops import rearrange
 from torch import nn
 
 from ._checks import autocast_off, check_finite, check_positive
-from .density import UNKNOWN_CLASS, FlowDensityEstimator
+from .density import UNKNOWN_CLASS, FlowDensityEstimator, check_estimator, check_labels
+from .losses import IGNORE_INDEX
 
 __all__ = ["OnlineFlowTrainer", "feature_rows_and_labels"]
 
@@ -33,7 +34,7 @@ def feature_rows_and_labels(
     features: torch.Tensor,
     labels: torch.Tensor | None,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     sync_free: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten a feature map to rows with per-row labels and a validity flag.
@@ -68,16 +69,8 @@ def feature_rows_and_labels(
     if labels.shape[-2:] != (h, w):
         labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0]
     row_labels = labels.reshape(-1).long().to(rows.device)
+    check_labels(row_labels, num_classes, ignore_index, sync_free)
     valid = row_labels != ignore_index
-    in_range = (row_labels >= UNKNOWN_CLASS) & (row_labels < num_classes)
-    if sync_free and row_labels.device.type == "cuda":
-        torch._assert_async((in_range | ~valid).all(), "labels outside [-1, K) and not ignored")
-    elif not bool((in_range | ~valid).all()):
-        bad = row_labels[~in_range & valid]
-        raise ValueError(
-            f"label {int(bad[0])} is neither a class in [0, {num_classes}), {UNKNOWN_CLASS} "
-            f"(unknown) nor ignore_index={ignore_index}"
-        )
     row_labels = torch.where(valid, row_labels, torch.full_like(row_labels, UNKNOWN_CLASS))
     return rows, row_labels, valid
 
@@ -115,10 +108,10 @@ class OnlineFlowTrainer:
         Semi-supervised Semantic Segmentation", CVPR 2024.
 
     Examples:
-        >>> est = FlowDensityEstimator(dim=4, num_classes=2, hidden_dim=8, seed=0)
-        >>> trainer = OnlineFlowTrainer(est, total_steps=100)
         >>> features = torch.randn(2, 4, 5, 5)
         >>> labels = torch.randint(0, 2, (2, 20, 20))
+        >>> est = FlowDensityEstimator(dim=4, num_classes=2, hidden_dim=8, seed=0)
+        >>> trainer = OnlineFlowTrainer(est, total_steps=100)
         >>> loss = trainer.step(features, labels)
         >>> loss.shape, trainer.num_steps
         (torch.Size([]), 1)
@@ -134,13 +127,10 @@ class OnlineFlowTrainer:
         grad_clip: float | None = 50.0,
         total_steps: int | None = None,
         final_lr_factor: float = 0.01,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         sync_gradients: bool | str = "auto",
     ):
-        if not isinstance(estimator, FlowDensityEstimator):
-            raise ValueError(
-                f"estimator must be a FlowDensityEstimator, got {type(estimator).__name__}"
-            )
+        check_estimator(estimator)
         check_positive(lr, "lr")
         if int(max_samples) < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")

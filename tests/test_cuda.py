@@ -15,6 +15,7 @@ from ddfp_examples.runtime import pin_memory, select_device
 from torch import nn
 
 from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator, OnlineFlowTrainer
+from ddfp_lib.perturbations.ddfp import AUTO_CHUNK_ROWS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -71,6 +72,59 @@ def test_ddfp_on_cuda_matches_the_cpu_step_with_a_head():
     assert half.dtype == torch.bfloat16
     step = (half.float() - features.cuda()).norm(dim=1)
     assert torch.allclose(step[mask.cuda()], torch.full_like(step[mask.cuda()], 4.0), rtol=0.05)
+
+
+def mask_of_density(n: int, density: float, device: str) -> torch.Tensor:
+    """A bool mask of ``n`` rows with exactly ``round(density * n)`` True entries."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(0))[: round(density * n)]] = True
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_default_step_on_cuda_is_sync_free_and_equals_the_dense_step(density):
+    est = far_from_identity(FlowDensityEstimator(16, 3, hidden_dim=32, seed=3)).cuda()
+    rows = torch.randn(2 * AUTO_CHUNK_ROWS + 5, 16, device="cuda")
+    mask = mask_of_density(rows.shape[0], density, "cuda")
+    default = DensityDescendingPerturbation(est, eps=4.0)
+    expected = DensityDescendingPerturbation(est, eps=4.0, chunk_rows=None)(rows, mask=mask) - rows
+    default(rows, mask=mask)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        delta = default(rows, mask=mask) - rows
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(delta).all()
+    if density == 0.0:
+        assert torch.equal(delta, torch.zeros_like(delta))
+        return
+    cosine = torch.cosine_similarity(delta.flatten().double(), expected.flatten().double(), dim=0)
+    assert cosine > 0.9999
+    torch.testing.assert_close(delta.norm(dim=1), expected.norm(dim=1), rtol=0, atol=1e-5)
+
+
+def test_default_step_memory_on_cuda_is_bounded_by_the_chunk_not_by_the_row_count():
+    est = FlowDensityEstimator(8, 3, hidden_dim=128, seed=0).cuda()
+    small, large = 32768, 131072
+    growth = {}
+    for chunk_rows in ("auto", None):
+        ddfp = DensityDescendingPerturbation(est, eps=4.0, chunk_rows=chunk_rows)
+        peaks = []
+        for n in (small, large):
+            rows = torch.randn(n, 8, device="cuda")
+            mask = mask_of_density(n, 0.5, "cuda")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            ddfp(rows, mask=mask)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        growth[chunk_rows] = peaks[1] - peaks[0]
+    # What must grow with N: the row-sized inputs and outputs of the step, a few (N, 8) tensors.
+    row_sized = 16 * (large - small) * 8 * 4
+    assert growth["auto"] < row_sized
+    assert growth[None] > 4 * row_sized, "the measure must see the flow's graph of every row"
 
 
 def test_online_flow_step_on_cuda_matches_the_cpu_step():

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ddfp_lib import DensityDescendingPerturbation, FlowDensityEstimator
+from ddfp_lib.perturbations import ddfp as ddfp_module
 from ddfp_lib.perturbations import density_descent_direction
 
 
@@ -163,7 +164,8 @@ def test_compiled_call_matches_eager():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on CUDA")
 @pytest.mark.parametrize(
-    "options", [{"eps": 4.0}, {"head_mode": "batch_stats", "min_grad_ratio": 0.1}]
+    "options",
+    [{"eps": 4.0}, {"chunk_rows": None}, {"head_mode": "batch_stats", "min_grad_ratio": 0.1}],
 )
 def test_no_host_device_synchronisation_on_cuda(options):
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).cuda()
@@ -224,7 +226,9 @@ def test_chunked_evaluation_equals_the_single_call(chunk_rows, with_head, with_m
     head = fuse_block().eval() if with_head else None
     features = torch.randn(2, 12 if with_head else 8, 5, 6)
     mask = torch.rand(2, 5, 6) > 0.4 if with_mask else None
-    single = DensityDescendingPerturbation(est, eps=3.0)(features, head=head, mask=mask)
+    single = DensityDescendingPerturbation(est, eps=3.0, chunk_rows=None)(
+        features, head=head, mask=mask
+    )
     chunked = DensityDescendingPerturbation(est, eps=3.0, chunk_rows=chunk_rows)(
         features, head=head, mask=mask
     )
@@ -257,13 +261,125 @@ def test_chunked_evaluation_of_an_empty_mask_leaves_features_unchanged():
     assert torch.equal(out, features)
 
 
-@pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True])
+@pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True, "dense"])
 def test_bad_chunk_rows_is_rejected(chunk_rows):
     estimator = FlowDensityEstimator(8, 3, hidden_dim=16)
     with pytest.raises(ValueError, match="chunk_rows"):
         DensityDescendingPerturbation(estimator, chunk_rows=chunk_rows)
     with pytest.raises(ValueError, match="chunk_rows"):
         density_descent_direction(estimator, torch.randn(4, 8), chunk_rows=chunk_rows)
+
+
+# ------------------------------------------------------------------ chunk_rows="auto"
+@pytest.fixture(params=["masked_rows", "sync_free"])
+def auto_path(request, monkeypatch):
+    """The two paths of ``chunk_rows="auto"`` on the CPU: the one it takes there (masked rows
+    only) and the one it takes on CUDA (every row, nothing read on the host), forced here."""
+    if request.param == "sync_free":
+        monkeypatch.setattr(ddfp_module, "_mask_is_free_to_read", lambda device: False)
+    return request.param
+
+
+def mask_of_density(shape, density, seed=0):
+    """A bool mask with exactly ``round(density * numel)`` True entries."""
+    count = round(density * torch.Size(shape).numel())
+    order = torch.randperm(torch.Size(shape).numel(), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask.reshape(shape)
+
+
+def record_flow_rows(est, monkeypatch):
+    """The number of rows of every flow evaluation of ``est``, in call order."""
+    sizes = []
+    evaluate = est.log_prob_rows
+
+    def recording(rows, labels=None):
+        sizes.append(rows.shape[0])
+        return evaluate(rows, labels)
+
+    monkeypatch.setattr(est, "log_prob_rows", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_default_step_equals_the_dense_step_for_masks_of_every_density(auto_path, density):
+    torch.manual_seed(8)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = fuse_block().eval()
+    features = torch.randn(2, 12, 10, 10)
+    mask = mask_of_density((2, 10, 10), density)
+    dense = DensityDescendingPerturbation(est, eps=3.0, chunk_rows=None)
+    default = DensityDescendingPerturbation(est, eps=3.0)
+    expected = dense(features, head=head, mask=mask) - features
+    delta = default(features, head=head, mask=mask) - features
+    assert torch.isfinite(delta).all()
+    if density == 0.0:
+        assert torch.equal(delta, torch.zeros_like(delta))
+        return
+    cosine = torch.cosine_similarity(delta.flatten().double(), expected.flatten().double(), dim=0)
+    assert cosine > 0.9999
+    torch.testing.assert_close(delta.norm(dim=1), expected.norm(dim=1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_masked_rows_beyond_one_chunk_get_their_exact_gradient(auto_path, density, monkeypatch):
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    capacity = ddfp_module.AUTO_CHUNK_ROWS
+    rows = torch.randn(4 * capacity + 3, 8)
+    mask = mask_of_density((rows.shape[0],), density, seed=1)
+    expected = density_descent_direction(est, rows, mask=mask, chunk_rows=None)
+    sizes = record_flow_rows(est, monkeypatch)
+    got = density_descent_direction(est, rows, mask=mask)
+    if auto_path == "sync_free":
+        assert sizes == [capacity] * 4 + [3], "every row, in chunks fixed by the shape"
+    else:
+        assert sum(sizes) == int(mask.sum()) and max(sizes) <= capacity, "the masked rows only"
+    assert len(sizes) > 1, "the masked rows overflow one chunk"
+    cosine = torch.cosine_similarity(got.double(), expected.double(), dim=1)
+    assert cosine[mask].min() > 0.9999
+    torch.testing.assert_close(got.norm(dim=1), expected.norm(dim=1), rtol=0, atol=1e-5)
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+
+
+def peak_cpu_allocation_bytes(fn, *args, **kwargs):
+    """Peak of the bytes the CPU allocator holds during ``fn(*args, **kwargs)`` above what it held
+    before, from the allocation and free events torch.profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn(*args, **kwargs)
+    changes = []
+    for event in profiler.events():
+        change = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if change:
+            changes.append((event.time_range.start, change))
+    live = peak = 0
+    for _, change in sorted(changes):
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def test_memory_of_the_default_step_is_bounded_by_the_chunk_not_by_the_row_count(
+    auto_path, monkeypatch
+):
+    monkeypatch.setattr(ddfp_module, "AUTO_CHUNK_ROWS", 1024)
+    est = FlowDensityEstimator(8, 3, hidden_dim=128, seed=0)
+    small, large = 2048, 8192
+    growth = {}
+    for chunk_rows in ("auto", None):
+        ddfp = DensityDescendingPerturbation(est, eps=4.0, chunk_rows=chunk_rows)
+        peaks = []
+        for n in (small, large):
+            rows = torch.randn(n, 8)
+            mask = mask_of_density((n,), 0.5)
+            peaks.append(peak_cpu_allocation_bytes(ddfp, rows, mask=mask))
+        growth[chunk_rows] = peaks[1] - peaks[0]
+    # What must grow with N: the row-sized inputs and outputs of the step, a few (N, 8) tensors.
+    row_sized = 16 * (large - small) * 8 * 4
+    assert growth["auto"] < row_sized
+    assert growth[None] > 4 * row_sized, "the probe must see the flow's graph of every row"
 
 
 # ------------------------------------------------------------------ direction options
@@ -428,6 +544,8 @@ def test_direction_options_reach_the_module_and_are_checked():
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
     ddfp = DensityDescendingPerturbation(est, head_mode="running_stats", min_grad_ratio=0.1)
     assert "head_mode='running_stats'" in repr(ddfp) and "min_grad_ratio=0.1" in repr(ddfp)
+    assert "chunk_rows" not in repr(ddfp)
+    assert "chunk_rows=None" in repr(DensityDescendingPerturbation(est, chunk_rows=None))
     head = fuse_block().train()
     features = torch.randn(2, 12, 4, 4)
     assert torch.equal(ddfp(features, head=head), ddfp(features, head=head))
@@ -441,7 +559,7 @@ def test_direction_options_reach_the_module_and_are_checked():
         )
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 7])
+@pytest.mark.parametrize("chunk_rows", ["auto", None, 7])
 def test_float64_features_and_estimator_give_a_float64_step_along_the_exact_gradient(chunk_rows):
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0).double()
     ddfp = DensityDescendingPerturbation(est, eps=4.0, chunk_rows=chunk_rows)

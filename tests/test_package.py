@@ -18,6 +18,21 @@ def test_public_contract_names_exist():
         assert name in ddfp_lib.__all__ and hasattr(ddfp_lib, name)
 
 
+def test_top_level_names_are_what_a_training_loop_calls_and_internals_live_in_their_modules():
+    from ddfp_lib import perturbations
+
+    assert all(hasattr(ddfp_lib, name) for name in ddfp_lib.__all__)
+    assert ddfp_lib.IGNORE_INDEX == 255 and ddfp_lib.UNKNOWN_CLASS == -1
+    for name in (
+        "MaskRestrictedPerturbation",
+        "call_head_without_side_effects",
+        "density_descent_direction",
+        "virtual_adversarial_direction",
+    ):
+        assert name not in ddfp_lib.__all__ and name in perturbations.__all__
+        assert hasattr(perturbations, name)
+
+
 def test_import_pulls_in_no_optional_dependency():
     code = (
         "import sys, ddfp_lib\n"

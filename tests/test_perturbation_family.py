@@ -66,16 +66,14 @@ def test_registry_lists_every_perturbation_and_builds_each_class():
         "random_direction",
         "vat",
     )
-    expected = {
-        "ddfp": DensityDescendingPerturbation,
-        "dropout": DropoutPerturbation,
-        "feature_drop": FeatureDropPerturbation,
-        "noise": UniformNoisePerturbation,
-        "random_direction": RandomDirectionPerturbation,
-        "vat": VATPerturbation,
-    }
-    for name in ALL:
-        assert type(make(name)) is expected[name]
+    assert [type(make(name)) for name in available_perturbations()] == [
+        DensityDescendingPerturbation,
+        DropoutPerturbation,
+        FeatureDropPerturbation,
+        UniformNoisePerturbation,
+        RandomDirectionPerturbation,
+        VATPerturbation,
+    ]
     assert build_perturbation("Random-Direction", eps=2.0).eps == 2.0
     est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
     assert build_perturbation("ddfp", estimator=est, eps=2.5).eps == 2.5

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 from .._checks import is_tracing
 
-__all__ = ["consistency_loss", "pseudo_labels"]
+__all__ = ["IGNORE_INDEX", "consistency_loss", "pseudo_labels"]
+
+#: Label of a pixel that no loss counts (padding, void), as in Pascal VOC's and UniMatch's masks.
+IGNORE_INDEX = 255
 
 NORMALIZATIONS = ("valid", "confident")
 
@@ -29,7 +32,7 @@ def consistency_loss(
     confidence: torch.Tensor | None = None,
     ignore_mask: torch.Tensor | None = None,
     threshold: float = 0.95,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     normalization: str = "valid",
 ) -> torch.Tensor:
     """Confidence-masked cross-entropy towards pseudo-labels.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._functional import NORMALIZATIONS, consistency_loss
+from ._functional import IGNORE_INDEX, NORMALIZATIONS, consistency_loss
 
 __all__ = ["ConsistencyLoss"]
 
@@ -44,7 +44,10 @@ class ConsistencyLoss(nn.Module):
     """
 
     def __init__(
-        self, threshold: float = 0.95, ignore_index: int = 255, normalization: str = "valid"
+        self,
+        threshold: float = 0.95,
+        ignore_index: int = IGNORE_INDEX,
+        normalization: str = "valid",
     ):
         super().__init__()
         if normalization not in NORMALIZATIONS:

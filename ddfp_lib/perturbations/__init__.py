@@ -1,6 +1,6 @@
 """Feature perturbations with one calling convention: ``p(features, head=None, mask=None)``."""
 
-from .base import FeaturePerturbation, call_head_without_side_effects
+from .base import FeaturePerturbation, MaskRestrictedPerturbation, call_head_without_side_effects
 from .ddfp import DensityDescendingPerturbation, density_descent_direction
 from .dropout import DropoutPerturbation
 from .feature_drop import FeatureDropPerturbation
@@ -14,6 +14,7 @@ __all__ = [
     "DropoutPerturbation",
     "FeatureDropPerturbation",
     "FeaturePerturbation",
+    "MaskRestrictedPerturbation",
     "RandomDirectionPerturbation",
     "UniformNoisePerturbation",
     "VATPerturbation",

@@ -1,29 +1,46 @@
-"""The calling convention shared by every feature perturbation.
+"""The calling convention shared by every feature perturbation, and the two base classes.
 
 ``perturbed = perturbation(features, head=None, mask=None, generator=None)``
 
 ``features`` is a feature map ``(B, C, H, W)`` or rows ``(N, C)``; ``head`` optionally maps features to
 the space a perturbation looks at (DDFP's density space, VAT's logits); ``mask`` marks the pixels of the
 head output that drive the perturbation; ``generator`` makes random perturbations reproducible. The
-result has the shape and dtype of ``features``.
+result has the shape and dtype of ``features``. The inputs are checked once, by
+:meth:`FeaturePerturbation.forward`; ``perturb`` gets them checked.
+
+Mask rule of every perturbation that does not look at a head (dropout, noise, feature drop, random
+direction; :class:`MaskRestrictedPerturbation`): ``mask`` restricts the perturbation. Pixels where it
+is False come back unchanged; pixels where it is True are perturbed. A ``mask`` given at the head
+output's resolution is resized to the features' resolution with nearest-neighbour sampling; the head
+itself is never called.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Generator, Tensor, nn
 from torch.func import functional_call
 
-from .._checks import check_finite, check_mask
+from .._checks import RowLayout, check_features, check_mask
 
-__all__ = ["FeaturePerturbation", "Head", "call_head_without_side_effects", "per_pixel_unit"]
+__all__ = [
+    "FeaturePerturbation",
+    "Head",
+    "MaskRestrictedPerturbation",
+    "call_head_without_side_effects",
+    "check_call",
+    "mask_at_feature_resolution",
+    "per_pixel_unit",
+]
 
-Head = Callable[[torch.Tensor], torch.Tensor]
+Head = Callable[[Tensor], Tensor]
 
 
-def call_head_without_side_effects(head: Head | None, x: torch.Tensor) -> torch.Tensor:
+def call_head_without_side_effects(head: Head | None, x: Tensor) -> Tensor:
     """Apply ``head`` to ``x`` so that gradients reach ``x`` only and no module state changes.
 
     For an ``nn.Module`` the call runs on detached parameters and on copies of the buffers, so its
@@ -44,18 +61,55 @@ def call_head_without_side_effects(head: Head | None, x: torch.Tensor) -> torch.
     return head(x)
 
 
-def per_pixel_unit(g: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+def per_pixel_unit(g: Tensor, channel_dim: int = 1) -> Tensor:
     """``g / ||g||_2`` over ``channel_dim``, and exactly 0 where the norm is 0 (never NaN)."""
     norm = torch.linalg.vector_norm(g, dim=channel_dim, keepdim=True)
     unit = g / norm.clamp_min(torch.finfo(g.dtype).tiny)
     return torch.where(norm > 0, unit, torch.zeros_like(unit))
 
 
+def check_call(
+    features: Tensor, head: Head | None, mask: Tensor | None, generator: Generator | None
+) -> None:
+    """Raise ValueError unless the arguments follow the calling convention.
+
+    ``features`` must be a finite floating tensor ``(B, C, H, W)`` or ``(N, C)`` (checked on CUDA
+    without a host-device synchronisation), ``mask`` a bool tensor with one entry per pixel and
+    ``generator`` a ``torch.Generator``. Without a head the mask must match the features' pixels;
+    with one only its batch size is known here, and a perturbation that runs the head compares
+    the rest with the head's output.
+    """
+    check_features(features, "features", ndims=(4, 2), sync_free=True)
+    if mask is not None:
+        check_mask(mask, RowLayout(features).row_shape, spatial=head is None)
+    if generator is not None and not isinstance(generator, Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def mask_at_feature_resolution(mask: Tensor, features: Tensor) -> Tensor:
+    """A checked per-pixel bool mask as a tensor that broadcasts against ``features`` over channels.
+
+    Args:
+        mask: bool per pixel, at the features' resolution or at a head output's resolution (same
+            batch); resized with nearest-neighbour sampling when the spatial size differs.
+        features: the features the mask applies to.
+
+    Shape:
+        - mask: ``(B, H', W')`` for features ``(B, C, H, W)``; ``(N,)`` for features ``(N, C)``
+        - returns: ``(B, 1, H, W)`` or ``(N, 1)``, bool
+    """
+    if features.dim() == 4 and mask.shape[-2:] != features.shape[-2:]:
+        resized = F.interpolate(mask[:, None].float(), size=features.shape[-2:], mode="nearest")
+        return resized > 0.5
+    return mask[:, None]
+
+
 class FeaturePerturbation(nn.Module):
-    """Base class: checks the input and delegates to :meth:`perturb`.
+    """Base class: checks the input once (:func:`check_call`) and delegates to :meth:`perturb`.
 
     Subclasses implement ``perturb(features, head, mask, generator)`` and return a tensor of the
-    shape and dtype of ``features``.
+    shape and dtype of ``features``. Their repr lists the constructor's arguments that they keep
+    under the same name.
 
     Shape:
         - features: ``(B, C, H, W)`` or ``(N, C)``
@@ -75,46 +129,56 @@ class FeaturePerturbation(nn.Module):
         [[2.0, 2.0, 2.0]]
     """
 
-    #: whether ``perturb`` needs the features to be finite (checked without host sync on CUDA).
-    requires_finite: bool = True
-
     def forward(
         self,
-        features: torch.Tensor,
+        features: Tensor,
         head: Head | None = None,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        self.check_features(features)
-        if mask is not None and head is None:
-            check_mask(mask, self.pixel_shape(features))
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        mask: Tensor | None = None,
+        generator: Generator | None = None,
+    ) -> Tensor:
+        check_call(features, head, mask, generator)
         return self.perturb(features, head, mask, generator)
 
     def perturb(
-        self,
-        features: torch.Tensor,
-        head: Head | None,
-        mask: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+        self, features: Tensor, head: Head | None, mask: Tensor | None, generator: Generator | None
+    ) -> Tensor:
         raise NotImplementedError
 
-    def check_features(self, features: torch.Tensor) -> None:
-        """Raise ValueError unless ``features`` is a finite floating tensor ``(B, C, H, W)`` or ``(N, C)``."""
-        if not isinstance(features, torch.Tensor):
-            raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
-        if features.dim() not in (2, 4):
-            raise ValueError(
-                f"features must have shape (B, C, H, W) or (N, C), got {tuple(features.shape)}"
-            )
-        if not features.is_floating_point():
-            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
-        if self.requires_finite:
-            check_finite(features, "features", sync_free=True)
+    def extra_repr(self) -> str:
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
+        values = [(name, getattr(self, name)) for name in names if hasattr(self, name)]
+        return ", ".join(f"{n}={v!r}" for n, v in values if not isinstance(v, nn.Module))
 
-    @staticmethod
-    def pixel_shape(x: torch.Tensor) -> tuple[int, ...]:
-        """Shape of one value per pixel: ``(B, H, W)`` for maps, ``(N,)`` for rows."""
-        return (x.shape[0], *x.shape[2:]) if x.dim() == 4 else (x.shape[0],)
+
+class MaskRestrictedPerturbation(FeaturePerturbation):
+    """Base of the perturbations that ignore ``head``: ``where(mask, perturb_all(x), x)``.
+
+    Subclasses implement :meth:`perturb_all`, which perturbs every pixel.
+
+    Shape:
+        - features: ``(B, C, H, W)`` or ``(N, C)``
+        - mask: bool ``(B, H', W')`` or ``(N,)``, resized to the features' resolution
+        - output: same shape and dtype as features
+
+    References:
+        Ouali et al., "Semi-Supervised Semantic Segmentation with Cross-Consistency Training",
+        CVPR 2020.
+
+    Examples:
+        >>> class AddOne(MaskRestrictedPerturbation):
+        ...     def perturb_all(self, features, generator):
+        ...         return features + 1.0
+        >>> AddOne()(torch.zeros(3, 2), mask=torch.tensor([True, False, True]))[:, 0].tolist()
+        [1.0, 0.0, 1.0]
+    """
+
+    def perturb(
+        self, features: Tensor, head: Head | None, mask: Tensor | None, generator: Generator | None
+    ) -> Tensor:
+        perturbed = self.perturb_all(features, generator)
+        if mask is None:
+            return perturbed
+        return torch.where(mask_at_feature_resolution(mask, features), perturbed, features)
+
+    def perturb_all(self, features: Tensor, generator: Generator | None) -> Tensor:
+        raise NotImplementedError

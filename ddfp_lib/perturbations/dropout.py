@@ -6,8 +6,9 @@ perturbed = x * b / (1 - p),    b ~ Bernoulli(1 - p) per (image, channel), or pe
 from __future__ import annotations
 
 import torch
+from torch import Generator, Tensor
 
-from .noise import MaskRestrictedPerturbation
+from .base import MaskRestrictedPerturbation
 
 __all__ = ["DropoutPerturbation"]
 
@@ -47,12 +48,7 @@ class DropoutPerturbation(MaskRestrictedPerturbation):
             raise ValueError(f"p must be in [0, 1), got {p}")
         self.p = p
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-    def perturb_all(
-        self, features: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def perturb_all(self, features: Tensor, generator: Generator | None) -> Tensor:
         keep_shape = features.shape if features.dim() == 2 else features.shape[:2] + (1, 1)
         uniform = torch.rand(keep_shape, generator=generator, device=features.device)
         scale = (uniform >= self.p).to(features.dtype) / (1.0 - self.p)

@@ -6,8 +6,9 @@ A = mean_c x,    tau = max(A) * u,  u ~ U(0.7, 0.9) per image,    perturbed = x 
 from __future__ import annotations
 
 import torch
+from torch import Generator, Tensor
 
-from .noise import MaskRestrictedPerturbation
+from .base import MaskRestrictedPerturbation
 
 __all__ = ["FeatureDropPerturbation"]
 
@@ -26,9 +27,9 @@ class FeatureDropPerturbation(MaskRestrictedPerturbation):
         threshold_range: ``(low, high)`` of the uniform fraction ``u`` (CCT: (0.7, 0.9)).
 
     Shape:
-        - features: ``(B, C, H, W)`` or ``(N, C)``
+        - features: ``(B, C, H, W)``, or ``(N, C)`` rows taken as the pixels of one image
         - mask: bool ``(B, H', W')`` or ``(N,)``
-        - output: same shape and dtype as features
+        - output: same shape and dtype as features, dropped pixels zero in every channel
 
     References:
         Ouali et al., "Semi-Supervised Semantic Segmentation with Cross-Consistency Training",
@@ -48,12 +49,7 @@ class FeatureDropPerturbation(MaskRestrictedPerturbation):
             raise ValueError(f"threshold_range must satisfy 0 <= low <= high, got ({low}, {high})")
         self.threshold_range = (low, high)
 
-    def extra_repr(self) -> str:
-        return f"threshold_range={self.threshold_range}"
-
-    def perturb_all(
-        self, features: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def perturb_all(self, features: Tensor, generator: Generator | None) -> Tensor:
         low, high = self.threshold_range
         attention = features.detach().float().mean(dim=1, keepdim=True)
         if features.dim() == 2:

@@ -6,10 +6,10 @@ perturbed = x + eps * u / ||u||_2 (per pixel, over channels),    u ~ N(0, I)
 from __future__ import annotations
 
 import torch
+from torch import Generator, Tensor
 
 from .._checks import check_positive
-from .base import per_pixel_unit
-from .noise import MaskRestrictedPerturbation
+from .base import MaskRestrictedPerturbation, per_pixel_unit
 
 __all__ = ["RandomDirectionPerturbation"]
 
@@ -48,12 +48,7 @@ class RandomDirectionPerturbation(MaskRestrictedPerturbation):
         super().__init__()
         self.eps = check_positive(eps, "eps")
 
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}"
-
-    def perturb_all(
-        self, features: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def perturb_all(self, features: Tensor, generator: Generator | None) -> Tensor:
         gaussian = torch.randn(
             features.shape, generator=generator, device=features.device, dtype=torch.float32
         )

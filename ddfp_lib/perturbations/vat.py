@@ -10,25 +10,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Generator, Tensor
 
-from .._checks import autocast_off, check_mask, check_positive
-from .base import FeaturePerturbation, Head, call_head_without_side_effects, per_pixel_unit
+from .._checks import autocast_off, check_mask_shape, check_positive
+from .base import (
+    FeaturePerturbation,
+    Head,
+    call_head_without_side_effects,
+    check_call,
+    per_pixel_unit,
+)
 
 __all__ = ["VATPerturbation", "virtual_adversarial_direction"]
 
 
-def per_sample_unit(x: torch.Tensor) -> torch.Tensor:
+def per_sample_unit(x: Tensor) -> Tensor:
     """``x / ||x||_2`` with the norm over every dimension but the first; 0 where the norm is 0."""
     return per_pixel_unit(x.flatten(1), channel_dim=1).view_as(x)
 
 
 def virtual_adversarial_direction(
-    features: torch.Tensor,
+    features: Tensor,
     head: Head,
     xi: float = 0.1,
-    mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    mask: Tensor | None = None,
+    generator: Generator | None = None,
+) -> Tensor:
     """One power iteration towards the direction that changes the head's prediction most.
 
     The clean and the probed head calls draw the same random numbers (e.g. the same dropout masks),
@@ -51,6 +58,14 @@ def virtual_adversarial_direction(
         - mask: ``(B, H', W')`` or ``(N,)``
         - returns: shape of ``features``, float32, unit or zero L2 norm per sample (per row for rows)
     """
+    check_call(features, head, mask, generator)
+    return _adversarial_direction(features, head, check_positive(xi, "xi"), mask, generator)
+
+
+def _adversarial_direction(
+    features: Tensor, head: Head, xi: float, mask: Tensor | None, generator: Generator | None
+) -> Tensor:
+    """:func:`virtual_adversarial_direction` of checked inputs."""
     x = features.detach()
     start = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) - 0.5
     fork_devices = [] if x.device.type == "cpu" else [x.device]
@@ -70,7 +85,7 @@ def virtual_adversarial_direction(
         log_q = F.log_softmax(probed_logits.to(dtype), dim=1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
         if mask is not None:
-            check_mask(mask, tuple(kl.shape))
+            check_mask_shape(mask, tuple(kl.shape))
             kl = kl * mask.to(kl.dtype)
         (gradient,) = torch.autograd.grad(kl.sum(), probe)
     return per_sample_unit(gradient.float())
@@ -119,19 +134,12 @@ class VATPerturbation(FeaturePerturbation):
         self.xi = check_positive(xi, "xi")
         self.eps = check_positive(eps, "eps")
 
-    def extra_repr(self) -> str:
-        return f"xi={self.xi}, eps={self.eps}"
-
     def perturb(
-        self,
-        features: torch.Tensor,
-        head: Head | None,
-        mask: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+        self, features: Tensor, head: Head | None, mask: Tensor | None, generator: Generator | None
+    ) -> Tensor:
         if head is None:
             raise ValueError(
                 "VATPerturbation needs head: the callable that maps features to logits"
             )
-        direction = virtual_adversarial_direction(features, head, self.xi, mask, generator)
+        direction = _adversarial_direction(features, head, self.xi, mask, generator)
         return features + (self.eps * direction).to(features.dtype)
