@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: timing, peak memory, machine facts, JSON results, workers.
 
-Timing reports the median and the interquartile range over repeats after warm-up calls; on CUDA the
-device is synchronised around every call. Peak memory on the CPU is the growth of the process's peak
-resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set just before the
-call: it sees every allocation torch makes, unlike ``tracemalloc``, which sees Python objects only.
+Timing is ``torch.utils.benchmark``'s: :func:`make_timer` builds a ``Timer`` whose clock waits for
+the device's queued work (CUDA, MPS), and :func:`interleaved` measures several of them in turns.
+
+Peak memory on the CPU is the growth of the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) over the resident set just before the call: it sees every allocation
+torch makes, unlike ``tracemalloc``, which sees Python objects only.
 Run it with :data:`EXACT_RSS_ENV` in the environment: glibc then returns every block above 64 KiB to
 the system when it is freed, so the resident set follows the live tensors instead of glibc's cache.
 On CUDA it is ``torch.cuda.max_memory_allocated`` over the allocation before the call.
@@ -20,16 +22,18 @@ import os
 import platform
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+import timeit
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+# The example model's fuse block is DDFP's head in every benchmark.
+from ddfp_examples.models import fuse_block  # noqa: E402
 
 __all__ = [
     "EXACT_RSS_ENV",
@@ -37,22 +41,24 @@ __all__ = [
     "command_line",
     "RESULTS_DIR",
     "WORKER_MARKER",
-    "Timing",
     "available_memory_bytes",
     "current_rss_bytes",
     "emit_worker_result",
     "fuse_block",
+    "interleaved",
     "limit_address_space",
     "load_results",
     "machine_info",
+    "make_timer",
     "matmul_throughput",
     "measure_peak_memory",
     "peak_rss_bytes",
     "require_device",
     "reset_peak_rss",
     "run_worker",
+    "summary",
     "synchronize",
-    "time_call",
+    "wall_clock",
     "write_results",
 ]
 
@@ -67,63 +73,6 @@ WORKER_MARKER = "BENCHMARK_RESULT "
 EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 _MIB = 1024.0 * 1024.0
-
-
-@dataclass
-class Timing:
-    """Seconds per call over ``repeats`` timed calls.
-
-    Attributes:
-        median: median seconds.
-        q1, q3: first and third quartiles (the spread is ``q3 - q1``).
-        minimum: fastest call.
-        times: every timed call, in order.
-    """
-
-    median: float
-    q1: float
-    q3: float
-    minimum: float
-    times: list[float] = field(default_factory=list)
-
-    @classmethod
-    def from_times(cls, times: list[float]) -> Timing:
-        """Summarise raw per-call seconds (at least one)."""
-        if not times:
-            raise ValueError("need at least one timed call")
-        ordered = sorted(times)
-        if len(ordered) >= 2:
-            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-        else:
-            q1 = q3 = ordered[0]
-        return cls(statistics.median(ordered), q1, q3, ordered[0], list(times))
-
-    @property
-    def iqr(self) -> float:
-        """Interquartile range in seconds."""
-        return self.q3 - self.q1
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields, with the IQR."""
-        return {**asdict(self), "iqr": self.iqr}
-
-
-def fuse_block(in_channels: int = 304, channels: int = 256, dropout: float = 0.1) -> nn.Sequential:
-    """DeepLabV3+'s decoder fuse block, DDFP's ``head``: (conv3x3-BN-ReLU-Dropout2d) x 2.
-
-    Shape:
-        - input ``(B, in_channels, H, W)`` -> output ``(B, channels, H, W)``
-    """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-    )
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -149,32 +98,72 @@ def require_device(name: str) -> torch.device:
     return device
 
 
-def time_call(
+def wall_clock(device: torch.device | str = "cpu") -> Callable[[], float]:
+    """``timeit.default_timer`` read once ``device`` has done its queued work (CUDA, MPS)."""
+
+    def clock() -> float:
+        synchronize(device)
+        return timeit.default_timer()
+
+    return clock
+
+
+def make_timer(
     fn: Callable[[], Any],
-    repeats: int = 5,
-    warmup: int = 1,
     device: torch.device | str = "cpu",
-) -> Timing:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
+    clock: Callable[[], float] | None = None,
+    **labels: str,
+) -> benchmark.Timer:
+    """A ``torch.utils.benchmark.Timer`` of ``fn()`` at this process's torch thread count.
 
     Args:
-        fn: the work, taking no argument; its result is dropped before the next call.
-        repeats: timed calls (>= 1).
-        warmup: untimed calls first (caches, lazy initialisation, allocator growth).
-        device: synchronised around each call when it is a CUDA or MPS device.
+        fn: the work, taking no argument.
+        device: where ``fn`` queues its work; the default clock waits for it.
+        clock: the seconds counter to read instead of :func:`wall_clock` (``time.process_time``
+            for this process's CPU time).
+        labels: ``label``, ``sub_label`` and ``description``, the rows and columns of
+            ``torch.utils.benchmark.Compare``.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return Timing.from_times(times)
+    return benchmark.Timer(
+        stmt="fn()",
+        globals={"fn": fn},
+        timer=clock or wall_clock(device),
+        num_threads=torch.get_num_threads(),
+        **labels,
+    )
+
+
+def interleaved(
+    timers: dict[str, benchmark.Timer], rounds: int
+) -> dict[str, benchmark.Measurement]:
+    """Measure every timer once a round, in an order that rotates by one each round.
+
+    Taking turns gives every timer the same share of whatever else the machine is doing. Each turn
+    is ``blocked_autorange(min_run_time=0)``: one untimed call, which sizes the block and brings
+    back the caches that the other timers' calls displaced, then one timed call.
+
+    Returns:
+        Per timer, its rounds merged into one ``Measurement`` (``times`` holds one per round).
+    """
+    if rounds < 1 or not timers:
+        raise ValueError(f"need rounds >= 1 and at least one timer, got {rounds} and {len(timers)}")
+    names = list(timers)
+    measured: dict[str, list[benchmark.Measurement]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            measured[name].append(timers[name].blocked_autorange(min_run_time=0))
+    return {name: benchmark.Measurement.merge(runs)[0] for name, runs in measured.items()}
+
+
+def summary(measurement: benchmark.Measurement) -> dict[str, Any]:
+    """The JSON fields of a ``Measurement``: ``median``, ``iqr``, ``mean`` and ``times``, seconds."""
+    return {
+        "median": measurement.median,
+        "iqr": measurement.iqr,
+        "mean": measurement.mean,
+        "times": list(measurement.times),
+    }
 
 
 def _status_kib(key: str) -> int | None:
@@ -281,18 +270,18 @@ def measure_peak_memory(
 
 
 def matmul_throughput(
-    device: torch.device | str = "cpu", size: int = 2048, repeats: int = 5
+    device: torch.device | str = "cpu", size: int = 2048, min_run_time: float = 1.0
 ) -> float:
-    """Best measured float32 matmul throughput in FLOP/s over ``repeats`` square products.
+    """Best measured float32 matmul throughput in FLOP/s, square products for ``min_run_time`` s.
 
-    The fastest product is used: a floor estimate wants what the hardware can do, not what a busy
-    machine happened to give.
+    The fastest block of ``Timer.blocked_autorange`` is used: a floor estimate wants what the
+    hardware can do, not what a busy machine happened to give.
     """
     device = torch.device(device)
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    timing = time_call(lambda: a @ b, repeats=repeats, warmup=2, device=device)
-    return 2.0 * size**3 / timing.minimum
+    measurement = make_timer(lambda: a @ b, device).blocked_autorange(min_run_time=min_run_time)
+    return 2.0 * size**3 / min(measurement.times)
 
 
 def _cpu_model() -> str:

@@ -14,7 +14,8 @@ a fixed permutation after each block, the same Gaussian-mixture prior ``ddfp_lib
   subnets (weights copied, shift and scale rows swapped to nflows' order) and FLOPs, a different
   scale law.
 
-All flows are timed round-robin in one process, so they share whatever else loads the machine.
+All flows are timed in turns in one process (``torch.utils.benchmark``, see
+:func:`benchmarks.common.interleaved`), so they share whatever else loads the machine.
 
 Usage::
 
@@ -33,8 +34,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
-from benchmarks.common import Timing, time_call, write_results
+from benchmarks.common import interleaved, make_timer, summary, write_results
 
 __all__ = ["FLOWS", "build_flows", "flow_log_prob_gradient", "main", "nflows_glow_block"]
 
@@ -77,7 +79,7 @@ def nflows_glow_block(coupling: Any, permutation: torch.Tensor) -> list[Any]:
     from nflows.transforms.coupling import AffineCouplingTransform
     from nflows.transforms.permutations import Permutation
 
-    features, split = coupling.features, coupling.split
+    features, split = coupling.dim, coupling.split
     first_half = torch.cat([torch.ones(split), torch.zeros(features - split)])
     first_net = _nflows_subnet(coupling.subnet1, split)
     second_net = _nflows_subnet(coupling.subnet2, features - split)
@@ -172,11 +174,12 @@ def _agreement(flows: dict[str, Any]) -> dict[str, float]:
 
 
 def run(rows: list[int], repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Time every flow at every size, round-robin, and summarise medians and ratios."""
+    """Time every flow at every size, in turns, and summarise medians and ratios."""
     flows = build_flows()
     results: dict[str, Any] = {"agreement_float64": _agreement(flows), "sizes": []}
     log(f"float64 agreement with ddfp_lib: {results['agreement_float64']}")
     means = flows["means"]
+    measured: list[benchmark.Measurement] = []
     for n in rows:
         load_before = list(os.getloadavg())
         x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(n))
@@ -188,30 +191,23 @@ def run(rows: list[int], repeats: int, log: Callable[[str], None]) -> dict[str, 
             "freia": partial(flow_log_prob_gradient, flows["freia"], means, x),
             "nflows": partial(flow_log_prob_gradient, flows["nflows"], means, x),
         }
-        for call in calls.values():
-            call()
-        times: dict[str, list[float]] = {name: [] for name in FLOWS}
-        for repeat in range(repeats):
-            order = FLOWS[repeat % len(FLOWS) :] + FLOWS[: repeat % len(FLOWS)]
-            for name in order:
-                times[name].append(time_call(calls[name], 1, 0).median)
-        summary = {name: Timing.from_times(times[name]).as_dict() for name in FLOWS}
-        base = summary["ddfp_lib"]["median"]
-        ratios = {name: summary[name]["median"] / base for name in FLOWS}
+        labels = {"label": "log p(x) and its gradient", "sub_label": f"N={n}"}
+        timers = {
+            name: make_timer(call, description=name, **labels) for name, call in calls.items()
+        }
+        size = interleaved(timers, repeats)
+        measured += size.values()
+        time = {name: summary(measurement) for name, measurement in size.items()}
+        base = time["ddfp_lib"]["median"]
         results["sizes"].append(
             {
                 "rows": n,
-                "time": summary,
-                "time_over_ddfp_lib": ratios,
+                "time": time,
+                "time_over_ddfp_lib": {name: time[name]["median"] / base for name in FLOWS},
                 "load_average_before_after": [load_before, list(os.getloadavg())],
             }
         )
-        log(
-            f"N={n}: "
-            + ", ".join(
-                f"{name} {summary[name]['median']:.3f} s (x{ratios[name]:.2f})" for name in FLOWS
-            )
-        )
+    log(str(benchmark.Compare(measured)))
     return results
 
 

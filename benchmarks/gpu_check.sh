@@ -114,7 +114,7 @@ def check_perturbation(device, results, quick):
     shapes = json.loads(path.read_text())["results"]["shapes"]
     notes, ok = [], bool(shapes)
     for shape in shapes:
-        for design in ("ddfp_lib", "ddfp_lib_chunked"):
+        for design in ("ddfp_lib", "ddfp_lib_dense", "ddfp_lib_chunked"):
             result = shape["designs"][design]
             cosine = result.get("cosine_vs_reference", {}).get("overall", float("nan"))
             ok &= result.get("status") == "ok" and cosine > 0.999
@@ -130,8 +130,9 @@ def check_perturbation(device, results, quick):
 def check_train_step(device, results, quick):
     path = results / f"train_step_{device}{'_quick' if quick else ''}.json"
     found = json.loads(path.read_text())["results"]
-    overhead = found["overhead"]["wall"]
-    steps = {fp: entry["wall"]["step"]["median"] for fp, entry in found["configs"].items()}
+    clock = next(iter(found["setup"]["clocks"]))
+    overhead = {**found["overhead"][clock], **found["overhead"]["profile"]}
+    steps = {fp: entry[clock]["step"]["median"] for fp, entry in found["configs"].items()}
     ok = bool(overhead) and all(finite(v) for v in [*overhead.values(), *steps.values()])
     shown = ", ".join(f"{fp} {1e3 * s:.1f} ms" for fp, s in steps.items())
     ratios = ", ".join(f"{k} {100 * v:+.1f} %" for k, v in overhead.items())

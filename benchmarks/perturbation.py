@@ -1,14 +1,18 @@
 """Benchmark of DDFP's perturbation step: ddfp_lib against the public code's design.
 
-Three designs compute ``delta = eps * g / ||g||`` for the same decoder input ``v``, fuse block, flow
+Four designs compute ``delta = eps * g / ||g||`` for the same decoder input ``v``, fuse block, flow
 weights, mixture means and confident-pixel mask:
 
 - ``reference``: :mod:`benchmarks.reference_design` (FrEIA flow, ``(N, K, D)`` mixture, boolean
   gather of the valid rows before the flow);
-- ``ddfp_lib``: ``DensityDescendingPerturbation(estimator, eps)(v, head=fuse_block, mask=mask)``;
-- ``ddfp_lib_chunked``: ``DensityDescendingPerturbation(estimator, eps, chunk_rows=n)``: the head
-  runs once, then only the masked rows go through flow + prior, ``n`` rows at a time, each chunk
-  differentiated on its own, and one backward pass through the head.
+- ``ddfp_lib``: the default call, ``DensityDescendingPerturbation(estimator, eps)(v,
+  head=fuse_block, mask=mask)`` (``chunk_rows="auto"``: 16,384 rows per flow evaluation, the
+  masked rows only on the CPU, every row and no host-device synchronisation on CUDA);
+- ``ddfp_lib_dense``: ``chunk_rows=None``, every row in one flow evaluation (the default before
+  ``"auto"``);
+- ``ddfp_lib_chunked``: ``chunk_rows=n``: only the masked rows go through flow + prior, ``n`` rows
+  at a time on every device (one synchronisation on CUDA). In all of them the head runs once, each
+  chunk is differentiated on its own, and one backward pass goes through the head.
 
 The shapes section also times ``head_only``, the fuse block's forward and input gradient without any
 density: every design pays it, so ``reference / head_only`` bounds the speed-up (and memory ratio)
@@ -17,8 +21,9 @@ any implementation of the step can reach.
 Per configuration, every design first runs in a fresh subprocess of its own: its first call gives
 the peak memory (growth of peak RSS with glibc's mmap threshold fixed, see ``benchmarks.common``;
 ``max_memory_allocated`` on CUDA) and the delta; the deltas (same dropout masks) are compared by
-cosine. Then one subprocess times all designs round-robin, ``repeats`` calls each after a warm-up
-call, so that they share the machine's load alike.
+cosine. Then one subprocess times all designs in turns, ``repeats`` rounds after a warm-up call of
+each (``torch.utils.benchmark``, see :func:`benchmarks.common.interleaved`), so that they share the
+machine's load alike.
 
 Sections: ``shapes`` (decoder-sized inputs), ``scaling`` (rows only, time and memory against N with
 fitted log-log exponents) and ``profile`` (torch.profiler table of ddfp_lib's step and an
@@ -45,20 +50,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from benchmarks.common import (
     EXACT_RSS_ENV,
-    Timing,
     available_memory_bytes,
     emit_worker_result,
+    interleaved,
     limit_address_space,
+    make_timer,
     matmul_throughput,
     measure_peak_memory,
     run_worker,
-    time_call,
+    summary,
     write_results,
 )
 
@@ -72,7 +78,7 @@ __all__ = [
     "perturbation_flops",
 ]
 
-DESIGNS = ("reference", "ddfp_lib", "ddfp_lib_chunked")
+DESIGNS = ("reference", "ddfp_lib", "ddfp_lib_dense", "ddfp_lib_chunked")
 #: Not a design: the fuse block's forward and input gradient alone, the floor every design pays.
 HEAD_ONLY = "head_only"
 VARIANTS = (
@@ -203,6 +209,9 @@ def _step(design: str, setup: dict[str, Any], chunk_rows: int) -> Callable[[], t
     if design == "ddfp_lib":
         ddfp = DensityDescendingPerturbation(estimator, eps=EPS)
         return lambda: ddfp(features, head=head, mask=mask)
+    if design == "ddfp_lib_dense":
+        dense = DensityDescendingPerturbation(estimator, eps=EPS, chunk_rows=None)
+        return lambda: dense(features, head=head, mask=mask)
     if design == "ddfp_lib_chunked":
         chunked = DensityDescendingPerturbation(estimator, eps=EPS, chunk_rows=chunk_rows)
         return lambda: chunked(features, head=head, mask=mask)
@@ -291,12 +300,41 @@ def _worker_memory(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_timing(config: dict[str, Any]) -> dict[str, Any]:
-    """All designs (or variants) of one configuration in one process, timed round-robin.
+#: The per-call fields of a timing worker's result, and the ``getrusage`` field behind each.
+_USAGE = {
+    "per_call_user_s": "ru_utime",
+    "per_call_sys_s": "ru_stime",
+    "per_call_minor_page_faults": "ru_minflt",
+}
 
-    Interleaving the calls gives every design the same share of whatever else runs on the machine.
-    Per call, the process's user and system CPU seconds and minor page faults are recorded too:
-    on a VM whose host backs guest memory lazily, page faults of fresh allocations can dominate.
+
+class _UsageCounter:
+    """``fn``, adding up this process's CPU seconds and minor page faults over its calls."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.calls = 0
+        self.totals = dict.fromkeys(_USAGE, 0.0)
+
+    def __call__(self) -> Any:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result = self.fn()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.calls += 1
+        for name, field in _USAGE.items():
+            self.totals[name] += getattr(after, field) - getattr(before, field)
+        return result
+
+    def per_call(self) -> dict[str, float]:
+        return {name: total / max(self.calls, 1) for name, total in self.totals.items()}
+
+
+def _worker_timing(config: dict[str, Any]) -> dict[str, Any]:
+    """All designs (or variants) of one configuration in one process, timed in turns.
+
+    Taking turns gives every design the same share of whatever else runs on the machine. The
+    process's user and system CPU seconds and minor page faults are recorded per call of the rounds
+    too: on a VM whose host backs guest memory lazily, page faults of fresh allocations can dominate.
     """
     device, names = config["device"], config["names"]
     shared = None if config["kind"].startswith("variant") else _setup_from(config)
@@ -305,36 +343,23 @@ def _worker_timing(config: dict[str, Any]) -> dict[str, Any]:
         setup = shared if shared is not None else _setup_from(config)
         steps[name] = _build_step(config, name, setup)
     _cap_memory(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    errors: dict[str, str] = {}
+    timers, usage, errors = {}, {}, {}
     for name in names:
         try:
-            time_call(steps[name], repeats=1, warmup=config.get("warmup", 1), device=device)
+            for _ in range(config.get("warmup", 1)):
+                steps[name]()
         except (MemoryError, RuntimeError) as error:
             errors[name] = str(error)[:400]
-    active = [name for name in names if name not in errors]
-    usage = {name: [0.0, 0.0, 0] for name in active}
-    for repeat in range(config["repeats"]):
-        shift = repeat % max(len(active), 1)
-        for name in active[shift:] + active[:shift]:
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            times[name].append(time_call(steps[name], 1, 0, device).median)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            usage[name][0] += after.ru_utime - before.ru_utime
-            usage[name][1] += after.ru_stime - before.ru_stime
-            usage[name][2] += after.ru_minflt - before.ru_minflt
+            continue
+        usage[name] = _UsageCounter(steps[name])
+        timers[name] = make_timer(usage[name], device)
+    measured = interleaved(timers, config["repeats"]) if timers else {}
     result: dict[str, Any] = {"status": "ok", "time": {}}
     for name in names:
         if name in errors:
             result["time"][name] = {"status": "OOM/skipped", "error": errors[name]}
-            continue
-        user, system, faults = usage[name]
-        result["time"][name] = {
-            **Timing.from_times(times[name]).as_dict(),
-            "per_call_user_s": user / config["repeats"],
-            "per_call_sys_s": system / config["repeats"],
-            "per_call_minor_page_faults": faults / config["repeats"],
-        }
+        else:
+            result["time"][name] = {**summary(measured[name]), **usage[name].per_call()}
     return result
 
 
@@ -383,7 +408,7 @@ def _variant_step(name: str, setup: dict[str, Any], device: str) -> Callable[[],
         setup["features"] = features
     if name == "compile_density":
         estimator.log_prob_rows = torch.compile(estimator.log_prob_rows)
-    chunk_rows = CHUNK_ROWS if name.startswith("chunked") else None
+    chunk_rows: int | Literal["auto"] = CHUNK_ROWS if name.startswith("chunked") else "auto"
     if name.startswith("chunked_4096"):
         chunk_rows = 4096
     ddfp = DensityDescendingPerturbation(estimator, eps=EPS, chunk_rows=chunk_rows)

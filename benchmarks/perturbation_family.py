@@ -3,7 +3,8 @@
 Features ``v`` are ``(B, 304, 81, 81)`` (a 321 crop at stride 4). DDFP's head is the DeepLabV3+ fuse
 block conv3x3(304->256)-BN-ReLU-Dropout-conv3x3(256->256)-BN-ReLU-Dropout with a 256-d, 21-class
 flow; VAT's head is that block followed by the 1x1 classifier. The other perturbations use no head.
-Each perturbation is called once to warm up, then ``--repeats`` times; the median is reported.
+The head's forward pass and every perturbation are timed in ``--repeats`` rounds, in turns, each
+timed call after an untimed one (:func:`benchmarks.common.interleaved`); the median is reported.
 
     python benchmarks/perturbation_family.py                 # CPU, default sizes
     python benchmarks/perturbation_family.py --repeats 3 --only ddfp vat
@@ -22,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fuse_block, time_call  # noqa: E402
+from benchmarks.common import fuse_block, interleaved, make_timer  # noqa: E402
 from ddfp_lib import FlowDensityEstimator, available_perturbations, build_perturbation
 from ddfp_lib.perturbations import virtual_adversarial_direction
 
@@ -98,22 +98,23 @@ def run_timings(
     args: argparse.Namespace, features: torch.Tensor, heads: dict[str, nn.Module], options: dict
 ) -> list[dict[str, Any]]:
     """Median seconds per call of the head's forward pass and of every selected perturbation."""
-    rows: list[dict[str, Any]] = []
-    reference = time_call(
-        lambda: heads["ddfp"](features), args.repeats, warmup=1, device=features.device
-    ).times
-    rows.append({"name": "head forward (reference)", "times_s": reference})
+    reference = "head forward (reference)"
+    calls = {reference: functools.partial(heads["ddfp"], features)}
+    rows = {reference: {"name": reference}}
     for name in args.only or available_perturbations():
         perturbation = build_perturbation(name, **options.get(name, {}))
         generator = torch.Generator(device=features.device).manual_seed(0)
-        call = functools.partial(perturbation, features, head=heads.get(name), generator=generator)
-        times = time_call(call, args.repeats, warmup=1, device=features.device).times
-        rows.append({"name": name, "repr": repr(perturbation), "times_s": times})
-    head_median = statistics.median(reference)
-    for row in rows:
-        row["median_s"] = statistics.median(row["times_s"])
-        row["head_forwards"] = row["median_s"] / head_median
-    return rows
+        calls[name] = functools.partial(
+            perturbation, features, head=heads.get(name), generator=generator
+        )
+        rows[name] = {"name": name, "repr": repr(perturbation)}
+    timers = {name: make_timer(call, features.device) for name, call in calls.items()}
+    measured = interleaved(timers, args.repeats)
+    for name, row in rows.items():
+        row["times_s"] = list(measured[name].times)
+        row["median_s"] = measured[name].median
+        row["head_forwards"] = measured[name].median / measured[reference].median
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -180,7 +180,7 @@ def copy_reference_flow(reference: ReferenceDensity, estimator: FlowDensityEstim
         if source.split_len1 != target.split or source.clamp != target.clamp:
             raise ValueError("reference and estimator couplings split or clamp differently")
         _copy_subnet(source.subnet2, target.subnet1, target.split, target.clamp)
-        _copy_subnet(source.subnet1, target.subnet2, target.features - target.split, target.clamp)
+        _copy_subnet(source.subnet1, target.subnet2, target.dim - target.split, target.clamp)
     for source_perm, target in zip(reference.permutations(), permutations):
         target._permutation.copy_(source_perm)
     estimator.prior.means.copy_(reference.means)

@@ -1,6 +1,6 @@
 """Cost of one UniMatch iteration with each feature-perturbation stream, and where DDFP's time goes.
 
-The iteration is the example loop's own ``train_iteration`` on its ``UniMatchDDFP`` streams and
+The iteration is the example loop's own ``train_step`` on its ``UniMatchDDFP`` streams and
 DeepLabV3+ (random-init backbone), fed synthetic tensors of the loop's batch layout: a labelled batch
 and the same number of unlabelled images (weak view, two strong views, padding mask, CutMix boxes,
 plus the second unlabelled batch CutMix pastes from). Everything an iteration does is timed: the
@@ -8,13 +8,24 @@ CutMix pseudo-label pass, every stream's forward, the losses, backward, the SGD 
 the flow's online step.
 
 Every ``--fp`` configuration gets its own model built from the same seed, and the configurations
-are timed in interleaved rounds in one process, so that a change of machine load hits them alike.
-DDFP's cost is split in three, timed inside the same iterations:
+are timed in interleaved rounds in one process (``torch.utils.benchmark``, see
+:func:`benchmarks.common.interleaved`), so that a change of machine load hits them alike. The clock
+is ``--clock``: ``cpu``, this process's CPU time, which other processes on a shared machine disturb
+far less (the default on the CPU), or ``wall``, synchronised on CUDA and MPS (the default there).
 
-- perturbation: the call that computes ``delta`` (head forward, flow NLL and its gradient);
-- perturbed branch: ``classifier(head(v + delta))`` forward plus its share of the backward pass
-  (timed from the gradient reaching its logits to the gradient reaching ``v + delta``);
-- flow update: one step of the online flow trainer on the detached head features.
+DDFP's cost is then split in three by ``torch.profiler``, over ``--profile-steps`` more iterations
+of each configuration with a DDFP stream, from the ranges the loop marks with ``record_function``:
+
+- perturbation (``ddfp_direction``): the call that computes ``delta`` (head forward, flow NLL and
+  its gradient);
+- perturbed branch (``ddfp_perturbed_branch``): ``upsample(classifier(head(v + delta)))``;
+- flow update (``flow_update``): one step of the online flow trainer on the detached head features.
+
+A part is its range plus the backward of the operations run inside it, wherever autograd runs that
+backward (:func:`range_seconds`): the perturbed branch's share of the iteration's backward pass is
+the branch's, although the loop runs it in its ``backward`` range. Each part is also given as a
+share of the profiled iteration, measured the same way: host time on the CPU, kernel time on CUDA.
+MPS gets no split (the profiler does not see its kernels).
 
     python -m benchmarks.train_step                           # CPU: ResNet-50, crop 129, 4+4
     python -m benchmarks.train_step --device cuda             # GPU: ResNet-101, crop 321, 4+4
@@ -31,40 +42,66 @@ import statistics
 import sys
 import time
 import warnings
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils import benchmark
+
+from ddfp_lib import IGNORE_INDEX, ConsistencyLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
-    Timing,
+    interleaved,
+    make_timer,
     require_device,
+    summary,
     synchronize,
     write_results,
 )
 
 __all__ = [
+    "CLOCKS",
     "FP_CONFIGS",
     "SPLIT_PARTS",
-    "SplitTimer",
-    "TimedStep",
+    "STEP_RANGE",
+    "LoopStep",
     "build_step",
     "load_loop",
     "main",
     "measure",
+    "overheads",
     "parse_args",
+    "profile_split",
+    "range_seconds",
+    "split_note",
+    "split_overheads",
     "synthetic_batch",
 ]
 
 LOOP_SCRIPT = REPO_ROOT / "examples" / "voc_unimatch_plus_ddfp.py"
 FP_CONFIGS: tuple[str, ...] = ("none", "dropout", "ddfp", "both")
-SPLIT_PARTS: tuple[str, ...] = ("perturbation", "perturbed_branch", "flow_update")
+#: DDFP's three parts and the loop's ``record_function`` range of each.
+SPLIT_PARTS: dict[str, str] = {
+    "perturbation": "ddfp_direction",
+    "perturbed_branch": "ddfp_perturbed_branch",
+    "flow_update": "flow_update",
+}
+#: The range this benchmark puts around each call of the loop's ``train_step``.
+STEP_RANGE = "train_step"
+CLOCKS: dict[str, str] = {
+    "wall": "timeit.default_timer, synchronised on CUDA and MPS",
+    "cpu": "time.process_time of this process (all its threads)",
+}
 NUM_CLASSES = 21
-IGNORE_INDEX = 255
+_BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 # Per device: backbone, crop, labelled (= unlabelled) images per iteration.
 DEVICE_DEFAULTS: dict[str, tuple[str, int, int]] = {
@@ -84,128 +121,36 @@ def load_loop() -> ModuleType:
     return module
 
 
-class SplitTimer:
-    """Seconds spent in each of the three parts of DDFP's cost within the current iteration.
-
-    Two clocks: wall time (synchronised on CUDA, so a part's time is its own work and not the queue
-    before it) and this process's CPU time, which other processes on a shared machine disturb far
-    less; with one CPU thread it is the work done.
-
-    Args:
-        device: the device the iteration runs on.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = dict.fromkeys(SPLIT_PARTS, 0.0)
-        self.cpu_seconds = dict.fromkeys(SPLIT_PARTS, 0.0)
-        self._branch_backward_start: tuple[float, float] | None = None
-
-    def reset(self) -> None:
-        """Zero every part before a new iteration."""
-        self.seconds = dict.fromkeys(SPLIT_PARTS, 0.0)
-        self.cpu_seconds = dict.fromkeys(SPLIT_PARTS, 0.0)
-        self._branch_backward_start = None
-
-    def now(self) -> tuple[float, float]:
-        """Synchronised ``(time.perf_counter(), time.process_time())``."""
-        synchronize(self.device)
-        return time.perf_counter(), time.process_time()
-
-    def add(self, part: str, start: tuple[float, float]) -> None:
-        """Add the time since ``start`` (from :meth:`now`) to ``part``."""
-        wall, cpu = self.now()
-        self.seconds[part] += wall - start[0]
-        self.cpu_seconds[part] += cpu - start[1]
-
-    def branch_backward_started(self, grad: torch.Tensor) -> None:
-        """Gradient hook on the perturbed branch's logits: its backward begins."""
-        self._branch_backward_start = self.now()
-
-    def branch_backward_ended(self, grad: torch.Tensor) -> None:
-        """Gradient hook on the perturbed decoder input: its backward is done."""
-        if self._branch_backward_start is not None:
-            self.add("perturbed_branch", self._branch_backward_start)
-            self._branch_backward_start = None
-
-
-class _TimedPerturbation:
-    """Calls the loop's perturbation and times the call as the ``perturbation`` part."""
-
-    def __init__(self, perturbation: Any, timer: SplitTimer):
-        self.perturbation = perturbation
-        self.timer = timer
-
-    def __call__(self, *inputs: Any, **kw: Any) -> torch.Tensor:
-        start = self.timer.now()
-        perturbed = self.perturbation(*inputs, **kw)
-        self.timer.add("perturbation", start)
-        return perturbed
-
-
-class _TimedFlowTrainer:
-    """Calls the loop's online flow trainer and times each step as the ``flow_update`` part."""
-
-    def __init__(self, trainer: Any, timer: SplitTimer):
-        self.trainer = trainer
-        self.timer = timer
-
-    def step(self, *inputs: Any, **kw: Any) -> torch.Tensor:
-        start = self.timer.now()
-        nll = self.trainer.step(*inputs, **kw)
-        self.timer.add("flow_update", start)
-        return nll
-
-
-def _timed_streams_class(loop: ModuleType) -> type:
-    class TimedStreams(loop.UniMatchDDFP):
-        """The loop's streams, with the perturbed branch's forward and backward timed."""
-
-        timer: SplitTimer
-
-        def perturbed_decode(self, v: torch.Tensor) -> torch.Tensor:
-            start = self.timer.now()
-            if v.requires_grad:
-                v.register_hook(self.timer.branch_backward_ended)
-            logits = super().perturbed_decode(v)
-            self.timer.add("perturbed_branch", start)
-            if logits.requires_grad:
-                logits.register_hook(self.timer.branch_backward_started)
-            return logits
-
-    return TimedStreams
-
-
-class TimedStep:
-    """One ``--fp`` configuration of the loop, ready to run ``train_iteration`` on a fixed batch.
+@dataclass
+class LoopStep:
+    """One ``--fp`` configuration of the loop, ready to run ``train_step`` on a fixed batch.
 
     Attributes:
-        fp: the loop's ``--fp`` value.
-        timer: the DDFP split of the last iteration (zeros where there is no DDFP stream).
+        loop: the loaded example loop (:func:`load_loop`).
+        args: the loop's arguments; ``args.fp`` is the configuration.
+        net: the loop's ``UniMatchDDFP`` streams.
+        state: the loop's ``TrainingState`` (optimiser, losses, DDFP stream).
+        device: where the iteration runs.
+        batch: what the loop's loaders would yield (:func:`synthetic_batch`).
     """
 
-    def __init__(
-        self,
-        loop: ModuleType,
-        args: argparse.Namespace,
-        net: Any,
-        state: dict[str, Any],
-        ctx: Any,
-        batch: tuple[Any, ...],
-    ):
-        self.loop = loop
-        self.args = args
-        self.net = net
-        self.state = state
-        self.ctx = ctx
-        self.batch = batch
-        self.fp = args.fp
-        self.timer: SplitTimer = net.timer
+    loop: ModuleType
+    args: argparse.Namespace
+    net: Any
+    state: Any
+    device: torch.device
+    batch: tuple[Any, ...]
+
+    @property
+    def fp(self) -> str:
+        return self.args.fp
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        self.timer.reset()
-        logged = self.loop.train_iteration(self.net, self.batch, self.state, self.args, self.ctx)
-        synchronize(self.ctx.device)
+        with record_function(STEP_RANGE):
+            logged = self.loop.train_step(
+                self.net, [self.batch], self.state, self.args, self.device
+            )
+        synchronize(self.device)
         return logged
 
 
@@ -259,7 +204,7 @@ def build_step(
     device: torch.device,
     threshold: float,
     seed: int = 0,
-) -> TimedStep:
+) -> LoopStep:
     """The loop's model, streams, optimiser and DDFP stream for one ``--fp`` value.
 
     Args:
@@ -285,117 +230,188 @@ def build_step(
             "--threshold", str(threshold), "--device", device.type, "--seed", str(seed),
         ]
     )  # fmt: skip
-    ctx = loop.DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
+    # On the path once the loop is loaded.
+    from ddfp_examples.datasets import DATASETS
+    from ddfp_examples.models import build_deeplabv3plus
+    from ddfp_examples.training_state import (
+        TrainingState,
+        build_density_stream,
+        build_optimizer,
+    )
+
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = loop.build_deeplabv3plus(backbone, NUM_CLASSES, backbone_weights=None)
+        model = build_deeplabv3plus(backbone, NUM_CLASSES, backbone_weights=None)
     model.to(device)
-    timer = SplitTimer(device)
-    net = _timed_streams_class(loop)(model, fp, aux_bn=False).to(device)
-    net.timer = timer
-    state: dict[str, Any] = {
-        "optimizer": loop.build_optimizer(model, args),
-        "scaler": torch.amp.GradScaler(device.type, enabled=False),
-        "amp_dtype": None,
-        "consistency": loop.ConsistencyLoss(threshold=threshold, ignore_index=IGNORE_INDEX),
-        "estimator": None,
-        "flow_trainer": None,
-        "perturbation": None,
-        "perturbation_head": None,
-    }
+    net = loop.UniMatchDDFP(model, fp, aux_bn=False, threshold=threshold).to(device)
+    ddfp = None
     if net.density_fp:
-        spec = loop.DATASETS[args.dataset]
-        stream = loop.build_density_stream(args, model, spec, 10**6, device)
-        state.update(stream)
-        state["perturbation"] = _TimedPerturbation(stream["perturbation"], timer)
-        state["flow_trainer"] = _TimedFlowTrainer(stream["flow_trainer"], timer)
+        ddfp = build_density_stream(args, model, DATASETS[args.dataset], 10**6, device)
+    state = TrainingState(
+        optimizer=build_optimizer(model, args),
+        scaler=torch.amp.GradScaler(device.type, enabled=False),
+        amp_dtype=None,
+        consistency=ConsistencyLoss(threshold=threshold, ignore_index=IGNORE_INDEX),
+        ddfp=ddfp,
+    )
     batch = synthetic_batch(batch_size, crop_size, device, seed)
-    return TimedStep(loop, args, net, state, ctx, batch)
+    return LoopStep(loop, args, net, state, device, batch)
 
 
-def _summary(times: list[float]) -> dict[str, Any]:
-    timing = Timing.from_times(times).as_dict()
-    timing["mean"] = statistics.fmean(times)
-    return timing
-
-
-def measure(steps: list[TimedStep], repeats: int, warmup: int) -> dict[str, Any]:
+def measure(
+    steps: list[LoopStep], repeats: int, warmup: int, clock: str = "wall"
+) -> dict[str, benchmark.Measurement]:
     """Time every step in interleaved rounds: ``warmup`` untimed rounds, then ``repeats`` timed ones.
 
     Args:
         steps: one per configuration.
-        repeats: timed rounds (>= 1).
+        repeats: timed rounds (>= 1); in each, every step runs once untimed, then once timed.
         warmup: untimed rounds first.
+        clock: a key of :data:`CLOCKS`.
 
     Returns:
-        Per configuration, for each clock (``"wall"``, ``"cpu"``): ``"step"``
-        (:class:`~benchmarks.common.Timing` fields in seconds, plus the mean) and, with a DDFP
-        stream, ``"split"``: the same for every part of :data:`SPLIT_PARTS`, and
-        ``"split_share_of_step"``, each part's median over the step's median.
+        Per configuration, the ``Measurement`` of its iteration, one time per round.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if warmup < 0 or clock not in CLOCKS:
+        raise ValueError(f"need warmup >= 0 and a clock in {list(CLOCKS)}, got {warmup}, {clock}")
     for _ in range(warmup):
         for step in steps:
             step()
-    clocks = ("wall", "cpu")
-    step_times = {clock: {step.fp: [] for step in steps} for clock in clocks}
-    part_times = {
-        clock: {step.fp: {part: [] for part in SPLIT_PARTS} for step in steps} for clock in clocks
+    label = f"train_step, {clock} clock"
+    timers = {
+        step.fp: make_timer(
+            step,
+            step.device,
+            clock=time.process_time if clock == "cpu" else None,
+            label=label,
+            sub_label=step.fp,
+            description="s per iteration",
+        )
+        for step in steps
     }
-    for _ in range(repeats):
-        for step in steps:
-            start = step.timer.now()
+    return interleaved(timers, repeats)
+
+
+def range_seconds(events: list[Any], name: str, device_time: bool = False) -> list[float]:
+    """Seconds of every ``record_function(name)`` range of a profile, with its operations' backward.
+
+    The profiler marks an operation and the autograd node that computes its backward with the same
+    sequence number (and the forward's thread). A node evaluated outside the range (in a later
+    ``backward()``, or on CUDA in autograd's device thread) is added to the range's time; one
+    evaluated inside it (``torch.autograd.grad`` within the range, on the CPU) is in it already.
+
+    Args:
+        events: ``prof.events()`` of a finished ``torch.profiler.profile``.
+        name: the range.
+        device_time: count the CUDA kernels' time instead of the host's.
+
+    Returns:
+        One time per range, in the order the ranges ran.
+    """
+
+    def seconds(event: Any) -> float:
+        return (event.device_time_total if device_time else event.cpu_time_total) / 1e6
+
+    backward: dict[tuple[int, int], list[Any]] = defaultdict(list)
+    for event in events:
+        if event.name.startswith(_BACKWARD_NODE):
+            backward[(event.fwd_thread, event.sequence_nr)].append(event)
+    times = []
+    for event in events:
+        # On CUDA the profiler also lists each range's span on the device under the same name.
+        if event.name != name or event.device_type != DeviceType.CPU:
+            continue
+        inside, stack = {}, [event]
+        while stack:
+            child = stack.pop()
+            inside[child.id] = child
+            stack += child.cpu_children
+        keys = {(e.thread, e.sequence_nr) for e in inside.values() if e.sequence_nr >= 0}
+        linked = {b.id: b for key in keys for b in backward.get(key, ()) if b.id not in inside}
+        times.append(seconds(event) + sum(seconds(b) for b in linked.values()))
+    return times
+
+
+def profile_split(step: LoopStep, iterations: int) -> dict[str, Any]:
+    """DDFP's three parts in ``iterations`` profiled iterations of ``step`` (which has DDFP).
+
+    Returns:
+        ``"step"`` (the whole iteration) and ``"split"`` (per part of :data:`SPLIT_PARTS`):
+        ``{"median", "times"}``, seconds by :func:`range_seconds`, one time per iteration;
+        ``"split_share_of_step"``: each part's median over the iteration's.
+    """
+    device_time = step.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_time else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iterations):
             step()
-            end = step.timer.now()
-            for index, clock in enumerate(clocks):
-                step_times[clock][step.fp].append(end[index] - start[index])
-            for part in SPLIT_PARTS:
-                part_times["wall"][step.fp][part].append(step.timer.seconds[part])
-                part_times["cpu"][step.fp][part].append(step.timer.cpu_seconds[part])
-    results: dict[str, Any] = {}
-    for step in steps:
-        results[step.fp] = {}
-        for clock in clocks:
-            entry: dict[str, Any] = {"step": _summary(step_times[clock][step.fp])}
-            if step.net.density_fp:
-                parts = part_times[clock][step.fp]
-                entry["split"] = {part: _summary(parts[part]) for part in SPLIT_PARTS}
-                entry["split_share_of_step"] = {
-                    part: entry["split"][part]["median"] / entry["step"]["median"]
-                    for part in SPLIT_PARTS
-                }
-            results[step.fp][clock] = entry
-    return results
+    events = prof.events()
+
+    def timed(name: str) -> dict[str, Any]:
+        times = range_seconds(events, name, device_time)
+        if len(times) != iterations:
+            raise RuntimeError(
+                f"{iterations} profiled iterations hold {len(times)} {name!r} ranges: the loop's "
+                "record_function ranges are not the ones this benchmark reads"
+            )
+        return {"median": statistics.median(times), "times": times}
+
+    whole = timed(STEP_RANGE)
+    split = {part: timed(name) for part, name in SPLIT_PARTS.items()}
+    shares = {part: split[part]["median"] / whole["median"] for part in split}
+    return {"step": whole, "split": split, "split_share_of_step": shares}
 
 
-def overheads(results: dict[str, Any], clock: str = "wall") -> dict[str, float]:
+def overheads(configs: dict[str, Any], clock: str) -> dict[str, float]:
     """Relative cost of the DDFP stream, from the median step times of ``clock``.
 
-    Across configurations: ``both_vs_dropout`` is UniMatch with DDFP added over UniMatch (the
-    comparison behind the paper's "about 10 %"), ``ddfp_vs_dropout`` DDFP in place of dropout FP,
-    ``ddfp_vs_none`` DDFP over no FP stream. Within one configuration, ``split_<fp>`` is the sum of
-    the three DDFP parts over the rest of the same iterations: the same overhead measured without
-    comparing two models, so less exposed to the machine's load drifting between them.
+    ``both_vs_dropout`` is UniMatch with DDFP added over UniMatch (the comparison behind the
+    paper's "about 10 %"), ``ddfp_vs_dropout`` DDFP in place of dropout FP, ``ddfp_vs_none`` DDFP
+    over no FP stream, ``dropout_vs_none`` UniMatch's dropout stream over none.
     """
-    median = {fp: entry[clock]["step"]["median"] for fp, entry in results.items()}
+    median = {fp: entry[clock]["step"]["median"] for fp, entry in configs.items()}
     pairs = {
         "both_vs_dropout": ("both", "dropout"),
         "ddfp_vs_dropout": ("ddfp", "dropout"),
         "ddfp_vs_none": ("ddfp", "none"),
         "dropout_vs_none": ("dropout", "none"),
     }
-    found = {
+    return {
         name: median[a] / median[b] - 1.0
         for name, (a, b) in pairs.items()
         if a in median and b in median
     }
-    for fp, entry in results.items():
-        if "split" in entry[clock]:
-            parts = sum(entry[clock]["split"][part]["median"] for part in SPLIT_PARTS)
-            found[f"split_{fp}"] = parts / (median[fp] - parts)
+
+
+def split_overheads(configs: dict[str, Any]) -> dict[str, float]:
+    """``split_<fp>``: DDFP's three parts over the rest of the same profiled iterations.
+
+    The overhead measured without comparing two models, so less exposed to the machine's load
+    drifting between them.
+    """
+    found = {}
+    for fp, entry in configs.items():
+        if "profile" in entry:
+            profiled = entry["profile"]
+            parts = sum(profiled["split"][part]["median"] for part in SPLIT_PARTS)
+            found[f"split_{fp}"] = parts / (profiled["step"]["median"] - parts)
     return found
+
+
+def split_note(device: torch.device, iterations: int) -> str:
+    """How the split of a run on ``device`` is measured, in a sentence for the results page."""
+    if device.type == "mps":
+        return "There is no split on MPS: the profiler does not see its kernels."
+    measured = "kernel time" if device.type == "cuda" else "host time"
+    return (
+        f"DDFP's three parts come from torch.profiler, over {iterations} profiled iteration(s) "
+        "of each configuration with DDFP after the timed rounds: each part is one of the loop's "
+        "record_function ranges (ddfp_direction, ddfp_perturbed_branch, flow_update) plus the "
+        "backward of the operations run inside it, which the profiler links to them by autograd "
+        f"sequence number ({measured}), and its share is of the profiled iteration, measured "
+        "the same way."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -407,72 +423,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbone",
         choices=["resnet50", "resnet101", "mobilenet_v2"],
-        default=None,
         help="default: resnet101 on cuda, resnet50 on cpu and mps",
     )
-    parser.add_argument(
-        "--crop-size", type=int, default=None, help="default: 321 cuda, 129 cpu and mps"
-    )
+    parser.add_argument("--crop-size", type=int, help="default: 321 cuda, 129 cpu and mps")
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=None,
         help="labelled (= unlabelled) images per iteration; default: 4",
     )
     parser.add_argument("--fp", nargs="+", choices=FP_CONFIGS, default=list(FP_CONFIGS))
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed rounds (each after an untimed call)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), help="default: cpu on cpu, else wall")
+    parser.add_argument(
+        "--profile-steps", type=int, default=2, help="profiled iterations per DDFP configuration"
+    )
     parser.add_argument(
         "--threshold",
         type=float,
         default=0.0,
         help="pseudo-label confidence threshold (0 keeps every pixel in the losses' masks)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny run for tests: mobilenet_v2, crop 33, 1+1 images, 1 warm-up, 2 rounds",
+        help="tiny run for tests: mobilenet_v2, crop 33, 1+1 images, 2 rounds, 1 profiled step",
     )
-    parser.add_argument(
-        "--name", default=None, help="results file stem (default: train_step_<device>)"
-    )
-    parser.add_argument(
-        "--results-dir", type=Path, default=None, help="default: benchmarks/results"
-    )
+    parser.add_argument("--name", help="results file stem (default: train_step_<device>)")
+    parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results")
     args = parser.parse_args(argv)
     backbone, crop_size, batch_size = DEVICE_DEFAULTS[args.device]
     if args.quick:
         backbone, crop_size, batch_size = "mobilenet_v2", 33, 1
-        args.repeats, args.warmup = 2, 1
+        args.repeats, args.warmup, args.profile_steps = 2, 0, 1
     args.backbone = args.backbone or backbone
     args.crop_size = args.crop_size or crop_size
     args.batch_size = args.batch_size or batch_size
+    args.clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     args.name = args.name or f"train_step_{args.device}{'_quick' if args.quick else ''}"
     return args
 
 
-def format_table(results: dict[str, Any], overhead: dict[str, dict[str, float]]) -> str:
-    """Median (IQR) milliseconds per step and the DDFP split, for both clocks, as aligned text."""
-    lines = []
-    for clock in ("wall", "cpu"):
-        lines.append(
-            f"{clock:<8} {'step ms (IQR)':>17}  " + "  ".join(f"{p:>20}" for p in SPLIT_PARTS)
-        )
-        for fp, entries in results.items():
-            entry = entries[clock]
-            step = entry["step"]
-            row = f"{fp:<8} {1e3 * step['median']:>9.1f} ({1e3 * step['iqr']:>5.1f})  "
-            if "split" in entry:
-                row += "  ".join(
-                    f"{1e3 * entry['split'][p]['median']:>9.1f} ms ({100 * entry['split_share_of_step'][p]:>4.1f} %)"
-                    for p in SPLIT_PARTS
-                )
-            lines.append(row.rstrip())
-        lines.append(
-            "overhead: "
-            + ", ".join(f"{name} {100 * value:+.1f} %" for name, value in overhead[clock].items())
-        )
+def report(
+    measured: dict[str, benchmark.Measurement],
+    configs: dict[str, Any],
+    overhead: dict[str, dict[str, float]],
+) -> str:
+    """The step times as ``torch.utils.benchmark.Compare`` prints them, the split, the overheads."""
+    lines = [str(benchmark.Compare(list(measured.values())))]
+    for fp, entry in configs.items():
+        if "profile" in entry:
+            shares = entry["profile"]["split_share_of_step"]
+            parts = ", ".join(f"{part} {100 * share:.1f} %" for part, share in shares.items())
+            lines.append(f"{fp}, share of the profiled iteration: {parts}")
+    for source, found in overhead.items():
+        values = ", ".join(f"{name} {100 * value:+.1f} %" for name, value in found.items())
+        lines.append(f"overhead ({source}): {values}")
     return "\n".join(lines)
 
 
@@ -487,8 +496,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_step(loop, fp, args.backbone, args.crop_size, args.batch_size, device, args.threshold)
         for fp in args.fp
     ]
-    results = measure(steps, args.repeats, args.warmup)
-    overhead = {clock: overheads(results, clock) for clock in ("wall", "cpu")}
+    measured = measure(steps, args.repeats, args.warmup, args.clock)
+    configs: dict[str, Any] = {fp: {args.clock: {"step": summary(m)}} for fp, m in measured.items()}
+    profiled = device.type != "mps"
+    for step in steps:
+        if profiled and step.net.density_fp:
+            configs[step.fp]["profile"] = profile_split(step, args.profile_steps)
+    overhead = {args.clock: overheads(configs, args.clock), "profile": split_overheads(configs)}
     payload = {
         "setup": {
             "backbone": args.backbone,
@@ -505,16 +519,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup": args.warmup,
             "interleaved": True,
             "torch_threads": torch.get_num_threads(),
-            "clocks": {
-                "wall": "time.perf_counter, synchronised on CUDA",
-                "cpu": "time.process_time of this process (all its threads)",
-            },
+            "clocks": {args.clock: CLOCKS[args.clock]},
+            "profile_steps": args.profile_steps if profiled else 0,
+            "split": split_note(device, args.profile_steps),
         },
-        "configs": results,
+        "configs": configs,
         "overhead": overhead,
     }
     path = write_results(args.name, payload, args.results_dir, device=device)
-    print(format_table(results, overhead))
+    print(report(measured, configs, overhead))
     print(f"wrote {path}")
     return payload
 

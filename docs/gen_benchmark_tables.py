@@ -164,29 +164,37 @@ def _seconds(value: float) -> str:
 
 
 def _clocks(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{clock: timings}`` of one configuration; files from before the CPU clock had wall only."""
-    return {c: entry[c] for c in ("wall", "cpu") if c in entry} or {"wall": entry}
+    """``{clock: timings}`` of one configuration of train_step."""
+    return {c: entry[c] for c in ("wall", "cpu") if c in entry}
+
+
+def _split_source(configs: dict[str, Any]) -> str:
+    """Where a train_step file's DDFP split is: ``"profile"`` (torch.profiler), or, in files
+    from before it, the clock that timed it inside the iterations (the CPU clock when there)."""
+    if any("profile" in entry for entry in configs.values()):
+        return "profile"
+    return "cpu" if "cpu" in _clocks(next(iter(configs.values()))) else "wall"
 
 
 def _train_step(stem: str, payload: dict[str, Any]) -> str:
     results = payload["results"]
     setup, configs = results["setup"], results["configs"]
     clocks = list(_clocks(next(iter(configs.values()))))
-    split_clock = "cpu" if "cpu" in clocks else "wall"
+    source = _split_source(configs)
     split_parts: list[str] = []
     for entry in configs.values():
-        split_parts = split_parts or list(_clocks(entry)[split_clock].get("split", {}))
+        split_parts = split_parts or list(entry.get(source, {}).get("split", {}))
+    unit = "profiler" if source == "profile" else source
     header = ["streams (`--fp`)"]
     header += [f"{clock} s per iteration, median (IQR)" for clock in clocks]
-    header += [f"{part.replace('_', ' ')}, {split_clock} s (share)" for part in split_parts]
+    header += [f"{part.replace('_', ' ')}, {unit} s (share)" for part in split_parts]
     rows = []
     for fp, entry in configs.items():
-        timings = _clocks(entry)
         row = [f"`{fp}`"]
         for clock in clocks:
-            step = timings[clock]["step"]
-            row.append(f"{_seconds(step['median'])} ({_seconds(step['q3'] - step['q1'])})")
-        split = timings[split_clock]
+            step = entry[clock]["step"]
+            row.append(f"{_seconds(step['median'])} ({_seconds(step['iqr'])})")
+        split = entry.get(source, {})
         for part in split_parts:
             if "split" in split:
                 share = split["split_share_of_step"][part]
@@ -194,25 +202,31 @@ def _train_step(stem: str, payload: dict[str, Any]) -> str:
             else:
                 row.append("")
         rows.append(row)
-    overhead = results.get("overhead", {})
-    if overhead and not isinstance(next(iter(overhead.values())), dict):
-        overhead = {"wall": overhead}
     overhead_lines = [
-        f"- {clock} clock: "
+        ("- profiler: " if clock == "profile" else f"- {clock} clock: ")
         + ", ".join(
             f"{name.replace('_', ' ')} {100 * value:+.1f} %" for name, value in found.items()
         )
-        for clock, found in overhead.items()
+        for clock, found in results.get("overhead", {}).items()
+        if found
     ]
+    if len(clocks) > 1:
+        clock_text = (
+            "The CPU clock counts this process's own CPU time and is the steadier of the two on a "
+            "shared machine."
+        )
+    else:
+        clock_text = f"Clock: {setup['clocks'][clocks[0]]}."
+    if "split" in setup:
+        clock_text += f" {setup['split']}"
     text = (
-        f"One iteration of the example loop (`train_iteration`: views, forward, losses, backward, "
+        f"One iteration of the example loop (`train_step`: views, forward, losses, backward, "
         f"SGD step and, with DDFP, the flow's online step) with a {setup['backbone']} backbone "
         f"({setup.get('backbone_init', 'random')} init), crop {setup['crop_size']}, "
         f"{setup['labeled_per_iteration']} labelled + {setup['unlabeled_per_iteration']} "
         f"unlabelled images, AMP {setup.get('amp', 'none')}, {setup['repeats']} interleaved "
         "rounds. `none`: UniMatch's strong views only; `dropout`: UniMatch; `ddfp`: DDFP in place "
-        "of UniMatch's dropout stream; `both`: UniMatch + DDFP. The CPU clock counts this "
-        "process's own CPU time and is the steadier of the two on a shared machine.\n\n"
+        f"of UniMatch's dropout stream; `both`: UniMatch + DDFP. {clock_text}\n\n"
         + _table(header, rows)
     )
     if overhead_lines:
@@ -529,17 +543,19 @@ def _plot_perturbation_family(payload: dict[str, Any], ax: Any) -> None:
 def _plot_train_step(payload: dict[str, Any], ax: Any) -> None:
     configs = payload["results"]["configs"]
     clock = "cpu" if "cpu" in _clocks(next(iter(configs.values()))) else "wall"
-    timings = [_clocks(entry)[clock] for entry in configs.values()]
+    source = _split_source(configs)
+    steps = [entry[clock]["step"]["median"] for entry in configs.values()]
+    splits = [entry.get(source, {}).get("split_share_of_step", {}) for entry in configs.values()]
     names = list(configs)
     parts: list[str] = []
-    for timing in timings:
-        parts = parts or list(timing.get("split", {}))
+    for split in splits:
+        parts = parts or list(split)
     bottoms = [0.0] * len(names)
     for part in parts:
-        heights = [t["split"][part]["median"] if "split" in t else 0.0 for t in timings]
+        heights = [split.get(part, 0.0) * step for split, step in zip(splits, steps)]
         ax.bar(names, heights, bottom=bottoms, label=part.replace("_", " "))
         bottoms = [b + h for b, h in zip(bottoms, heights)]
-    rest = [t["step"]["median"] - b for t, b in zip(timings, bottoms)]
+    rest = [step - b for step, b in zip(steps, bottoms)]
     ax.bar(names, rest, bottom=bottoms, color="#c7c7c7", label="rest of the iteration")
     ax.set_ylabel(f"{clock} seconds per iteration (median)")
     ax.set_xlabel("feature-perturbation streams (--fp)")
@@ -608,9 +624,10 @@ def render_readme_results(payload: dict[str, Any]) -> str:
         pair = paired.get((row["method"], size))
         difference = "baseline"
         if pair is not None:
+            per_seed = ", ".join(f"{100 * d:+.2f}" for d in pair["difference"])
             difference = (
                 f"{100 * pair['mean_difference']:+.2f} "
-                f"({pair['wins']}/{len(pair['seeds'])} seeds above)"
+                f"({pair['wins']}/{len(pair['seeds'])} seeds above; per seed {per_seed})"
             )
         rows.append(
             [
@@ -621,12 +638,27 @@ def render_readme_results(payload: dict[str, Any]) -> str:
             ]
         )
     header = ["method", "mIoU % (mean ± std)", "per seed", "minus supervised only"]
+    missing = [r for r in results.get("not_run", []) if r["num_labeled"] == size]
+    labels = setup.get("labels", {}) | {row["method"]: row["label"] for row in results["table"]}
+    not_run = ""
+    if missing:
+        by_method: dict[str, list[str]] = {}
+        for r in missing:
+            by_method.setdefault(r["method"], []).append(str(r["seed"]))
+        not_run = (
+            "\n\nNot run yet: "
+            + "; ".join(
+                f"{labels.get(m, m.replace('_', ' '))} (seed {', '.join(seeds)})"
+                for m, seeds in by_method.items()
+            )
+            + "."
+        )
     return (
         f"{README_BEGIN}\n"
         f"Demo val split, {size} labelled images, seeds "
         f"{', '.join(str(s) for s in setup['seeds'])}, "
         f"{'/'.join(str(n) for n in setup['iterations'])} iterations each:\n\n"
-        f"{_table(header, rows)}\n{README_END}"
+        f"{_table(header, rows)}{not_run}\n{README_END}"
     )
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddfp_examples.datasets import CUSTOM, DATASETS, DatasetSpec, spec_from_run_args  # noqa: E402
 from ddfp_examples.models import DeepLabV3Plus, build_deeplabv3plus  # noqa: E402
 from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
+from ddfp_examples.transforms import voc_palette  # noqa: E402
 
 from ddfp_lib import FlowDensityEstimator  # noqa: E402
 
@@ -38,7 +39,6 @@ __all__ = [
     "main",
     "predict_image",
     "predict_folder",
-    "voc_palette",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -58,24 +58,6 @@ class TrainedModel(NamedTuple):
     estimator: FlowDensityEstimator | None
     args: dict[str, Any]
     spec: DatasetSpec
-
-
-def voc_palette() -> list[int]:
-    """The Pascal VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list of 768 values.
-
-    Class ``i`` spreads the bits of ``i`` over the three channels, highest bit first: bit 0 of each
-    group of three goes to red, bit 1 to green, bit 2 to blue. 255 (ignore) comes out (224, 224, 192).
-    """
-    palette = []
-    for index in range(256):
-        colour = [0, 0, 0]
-        code = index
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((code >> channel) & 1) << shift
-            code >>= 3
-        palette.extend(colour)
-    return palette
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

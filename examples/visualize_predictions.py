@@ -34,10 +34,10 @@ from ddfp_examples.datasets import (  # noqa: E402
     scan_cityscapes_layout,
 )
 from ddfp_examples.runtime import DEVICES, select_device  # noqa: E402
-from ddfp_examples.transforms import denormalize  # noqa: E402
-from predict import TrainedModel, load_trained_model, voc_palette  # noqa: E402
+from ddfp_examples.transforms import denormalize, voc_palette  # noqa: E402
+from predict import TrainedModel, load_trained_model  # noqa: E402
 
-from ddfp_lib import DensityDescendingPerturbation, pseudo_labels  # noqa: E402
+from ddfp_lib import IGNORE_INDEX, DensityDescendingPerturbation, pseudo_labels  # noqa: E402
 
 __all__ = [
     "analyse_image",
@@ -47,8 +47,6 @@ __all__ = [
     "validation_samples",
     "visualize",
 ]
-
-IGNORE_INDEX = 255
 
 
 def validation_samples(

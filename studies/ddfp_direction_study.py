@@ -9,15 +9,15 @@ Four variants of the loop's DDFP stream (``--fp ddfp``), everything else the loo
   times the median over the confident pixels move;
 - ``random_direction``: DDFP's step size in a random direction, the control.
 
-Each variant runs on ``--split tuning`` of :mod:`benchmarks.ssl_demo` (held-out *training* images as
+Each variant runs on ``--split tuning`` of :mod:`studies.ssl_demo` (held-out *training* images as
 the validation split, so that choosing a variant never looks at the demo's val split), with the
 same seeds for every variant; differences are read seed by seed against ``ddfp_default``. Runs are
-:func:`benchmarks.ssl_demo.run_one` calls, so they are resume-safe and reuse finished runs. Writes
+:func:`studies.ssl_demo.run_one` calls, so they are resume-safe and reuse finished runs. Writes
 ``benchmarks/results/ddfp_direction_study.json``.
 
-    python -m benchmarks.ddfp_direction_study                    # 4 variants x 3 seeds
-    python -m benchmarks.ddfp_direction_study --dry-run          # print the loop commands only
-    python -m benchmarks.ddfp_direction_study --min-grad-ratio 0.05 --seeds 0
+    python -m studies.ddfp_direction_study                    # 4 variants x 3 seeds
+    python -m studies.ddfp_direction_study --dry-run          # print the loop commands only
+    python -m studies.ddfp_direction_study --min-grad-ratio 0.05 --seeds 0
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from ddfp_examples.demo_data import DEMO_NUM_LABELED  # noqa: E402
 
-from benchmarks import ssl_demo  # noqa: E402
 from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
+from studies import ssl_demo  # noqa: E402
 
 __all__ = [
     "BASELINE",

@@ -12,7 +12,7 @@ share their labelled images and differences between methods can be read seed by 
 The score is the mIoU of the last epoch on the demo's val split: no checkpoint is picked on it.
 With the default budget every run is the loop's own demo command (evaluation after every epoch
 draws nothing from the training RNG), so the runs with the demo's default labelled-set size
-(``DEMO_NUM_LABELED``, 240) are the README's main job (``unimatch_ddfp``) and its supervised
+(``DEMO_NUM_LABELED``, 120) are the README's main job (``unimatch_ddfp``) and its supervised
 baseline. ``--split tuning`` runs the same grid with a private copy of the demo whose val split
 is a held-out part of the *training* images (``--heldout`` of them, never used for training
 there), the split on which to choose ``--eps`` and the demo's labelled-set size before a reported
@@ -22,11 +22,11 @@ Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that 
 after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the
 plot ``docs/assets/ssl_demo.png``.
 
-    python -m benchmarks.ssl_demo                         # the study: 6 methods x 3 seeds
-    python -m benchmarks.ssl_demo --methods supervised unimatch_ddfp --num-labeled 240 --seeds 0
+    python -m studies.ssl_demo                         # the study: 6 methods x 3 seeds
+    python -m studies.ssl_demo --methods supervised unimatch_ddfp --num-labeled 120 --seeds 0
                                                           # the README's main job and its baseline
-    python -m benchmarks.ssl_demo --split tuning --eps 2  # the same on the tuning split
-    python -m benchmarks.ssl_demo --quick                 # tiny generated data, seconds per run
+    python -m studies.ssl_demo --split tuning --eps 2  # the same on the tuning split
+    python -m studies.ssl_demo --quick                 # tiny generated data, seconds per run
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,10 +59,12 @@ __all__ = [
     "StudyBudget",
     "aggregate",
     "carve_tuning_split",
+    "finished",
     "loop_command",
     "main",
     "paired_differences",
     "parse_args",
+    "draw_study",
     "plot_study",
     "run_dir",
     "run_one",
@@ -104,7 +107,7 @@ class StudyBudget:
             the unlabelled images).
         batch_size: labelled images per iteration (and as many unlabelled ones); ``None`` keeps
             the recipe's.
-        workers: data-loading workers per loader.
+        workers: data-loading workers per loader; ``None`` keeps the loop's default.
         threads: CPU threads of each run (``OMP_NUM_THREADS``).
         eps: step norm of DDFP and of the random direction; ``None`` keeps the loop's default.
         eval_every: the loop's ``--eval-every``.
@@ -115,7 +118,7 @@ class StudyBudget:
     epochs: int | None = None
     iters_per_epoch: int | None = None
     batch_size: int | None = None
-    workers: int = 2
+    workers: int | None = None
     threads: int = 2
     eps: float | None = None
     eval_every: int = 1
@@ -178,10 +181,11 @@ def loop_command(
         sys.executable, str(LOOP_SCRIPT), "--dataset", "demo", "--data-root", str(data_root),
         "--demo-size", str(budget.demo_size[0]), str(budget.demo_size[1]),
         "--num-labeled", str(num_labeled), "--seed", str(seed), "--out", str(out),
-        "--eval-every", str(budget.eval_every), "--workers", str(budget.workers),
+        "--eval-every", str(budget.eval_every),
         "--device", budget.device, "--no-progress", *methods[method], *extra,
     ]  # fmt: skip
     for flag, value in (
+        ("--workers", budget.workers),
         ("--epochs", budget.epochs),
         ("--iters-per-epoch", None if extra else budget.iters_per_epoch),
         ("--batch-size", budget.batch_size),
@@ -216,7 +220,7 @@ def run_one(
     """
     out = run_dir(runs_dir, method, num_labeled, seed)
     summary_path = out / "summary.json"
-    reused = summary_path.is_file() and not _read_json(summary_path).get("stopped_early", False)
+    reused = finished(out)
     if not reused:
         out.mkdir(parents=True, exist_ok=True)
         resume = (out / "latest.pt").is_file()
@@ -246,6 +250,12 @@ def run_one(
         "reused": reused,
         "out": str(out),
     }
+
+
+def finished(out: Path) -> bool:
+    """Whether the run in ``out`` has ended (its ``summary.json`` exists and it was not stopped)."""
+    summary = Path(out) / "summary.json"
+    return summary.is_file() and not _read_json(summary).get("stopped_early", False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -400,47 +410,77 @@ def carve_tuning_split(
     return train_lines, val_lines
 
 
-def plot_study(table: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """mIoU (mean +- std over seeds) against labelled images, one line per method, as a PNG."""
+def draw_study(
+    axis: Any, table: list[dict[str, Any]], runs: list[dict[str, Any]], title: str
+) -> None:
+    """Final mIoU per method: every seed's run as a dot, a seed's runs joined by a faint line (the
+    comparisons are paired), and the mean +- std over seeds beside them; one group per size."""
+    sizes = sorted({row["num_labeled"] for row in table})
+    methods = [m for m in METHODS if any(row["method"] == m for row in table)]
+    colours = [f"C{index}" for index in range(len(methods))]
+    width = len(methods) + 1
+    ticks, labels = [], []
+    for group, size in enumerate(sizes):
+        positions = {m: group * width + index for index, m in enumerate(methods)}
+        seeds = sorted({r["seed"] for r in runs if r["num_labeled"] == size})
+        for seed in seeds:
+            mine = [r for r in runs if r["num_labeled"] == size and r["seed"] == seed]
+            mine.sort(key=lambda r: positions.get(r["method"], -1))
+            axis.plot(
+                [positions[r["method"]] - 0.12 for r in mine if r["method"] in positions],
+                [100 * r["final_miou"] for r in mine if r["method"] in positions],
+                color="0.8", linewidth=0.8, zorder=1,
+            )  # fmt: skip
+        for method, colour in zip(methods, colours):
+            mine = [r for r in runs if r["num_labeled"] == size and r["method"] == method]
+            axis.scatter(
+                [positions[method] - 0.12] * len(mine),
+                [100 * r["final_miou"] for r in mine],
+                s=14, color=colour, zorder=2,
+            )  # fmt: skip
+            row = next(
+                (r for r in table if r["method"] == method and r["num_labeled"] == size), None
+            )
+            if row is not None:
+                axis.errorbar(
+                    positions[method] + 0.12, 100 * row["mean_miou"], yerr=100 * row["std_miou"],
+                    marker="s", color=colour, capsize=3, zorder=3,
+                )  # fmt: skip
+            ticks.append(positions[method])
+            suffix = f"\n({size} labelled)" if len(sizes) > 1 else ""
+            labels.append(textwrap.fill(METHOD_LABELS[method], 16) + suffix)
+    axis.set_xticks(ticks, labels, fontsize=7)
+    axis.set_ylabel("val mIoU (%)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def plot_study(
+    table: list[dict[str, Any]], path: Path, title: str, runs: list[dict[str, Any]] | None = None
+) -> Path:
+    """The study as a PNG (:func:`draw_study`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({row["num_labeled"] for row in table})
-    methods = [m for m in METHODS if any(row["method"] == m for row in table)]
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    # A small horizontal offset per method keeps the error bars apart.
-    spread = 0.04 * (len(methods) - 1)
-    for index, method in enumerate(methods):
-        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["num_labeled"])
-        shift = 1.0 + (index / max(len(methods) - 1, 1) - 0.5) * spread
-        axis.errorbar(
-            [r["num_labeled"] * shift for r in rows],
-            [100 * r["mean_miou"] for r in rows],
-            yerr=[100 * r["std_miou"] for r in rows],
-            marker="o",
-            capsize=3,
-            label=METHOD_LABELS[method],
-        )
-    axis.set_xscale("log")
-    axis.set_xticks(sizes, [str(s) for s in sizes])
-    axis.minorticks_off()
-    axis.set_xlabel("labelled images")
-    axis.set_ylabel("val mIoU (%), mean ± std over seeds")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    methods = {row["method"] for row in table}
+    figure, axis = plt.subplots(figsize=(max(6.4, 1.3 * len(methods)), 4.2), dpi=120)
+    draw_study(axis, table, runs or [], title)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    figure.savefig(path, metadata={"Software": None})
     plt.close(figure)
     return path
 
 
 def plot_predictions(
-    checkpoints: Sequence[tuple[str, Path]], data_root: Path, path: Path, num_images: int = 6
+    checkpoints: Sequence[tuple[str, Path]],
+    data_root: Path,
+    path: Path,
+    num_images: int = 6,
+    study: tuple[list[dict[str, Any]], list[dict[str, Any]], str] | None = None,
 ) -> Path:
     """Val images in rows; image, ground truth and each checkpoint's prediction in columns.
 
@@ -449,6 +489,8 @@ def plot_predictions(
         data_root: the demo folder whose ``splits/val.txt`` gives the images (the first ones).
         path: PNG to write.
         num_images: rows.
+        study: ``(table, runs, title)`` of the study, drawn above the images
+            (:func:`draw_study`), so that one picture holds the numbers and what they look like.
 
     Returns:
         ``path``.
@@ -460,8 +502,8 @@ def plot_predictions(
     import numpy as np
     import torch
     from ddfp_examples.datasets import SemiSegDataset, read_split_file
-    from ddfp_examples.transforms import denormalize
-    from predict import load_trained_model, voc_palette
+    from ddfp_examples.transforms import denormalize, voc_palette
+    from predict import load_trained_model
 
     models = [(title, load_trained_model(checkpoint)) for title, checkpoint in checkpoints]
     num_classes = models[0][1].spec.num_classes
@@ -469,9 +511,11 @@ def plot_predictions(
     dataset = SemiSegDataset(data_root, lines, "val", crop_size=None, num_classes=num_classes)
     palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
     columns = ["image", "ground truth", *(title for title, _ in models)]
-    figure, axes = plt.subplots(
-        len(lines), len(columns), figsize=(1.6 * len(columns), 1.6 * len(lines)), squeeze=False
-    )
+    top = 2 if study is not None else 0
+    figure = plt.figure(figsize=(1.6 * max(len(columns), 4), 1.45 * (len(lines) + top) + 0.4))
+    grid = figure.add_gridspec(len(lines) + top, len(columns))
+    if study is not None:
+        draw_study(figure.add_subplot(grid[:top, :]), *study)
     for row in range(len(lines)):
         image, mask, _ = dataset[row]
         panels = [denormalize(image).numpy(), palette[mask.numpy()]]
@@ -480,13 +524,18 @@ def plot_predictions(
                 prediction = trained.model(image[None]).argmax(dim=1)[0]
                 panels.append(palette[prediction.numpy()])
         for column, panel in enumerate(panels):
-            axis = axes[row][column]
+            axis = figure.add_subplot(grid[top + row, column])
             axis.imshow(panel, interpolation="nearest")
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(columns[column], fontsize=8)
-    figure.tight_layout()
+    from matplotlib.patches import Patch
+
+    names = models[0][1].spec.class_names
+    handles = [Patch(color=palette[k] / 255.0, label=name) for k, name in enumerate(names)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100, metadata={"Software": None})
@@ -567,6 +616,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--plot", type=Path, default=None, help="default: docs/assets/ssl_demo.png")
     parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the runs that have finished and list the others as not run",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 seed, 1 size, 2 iterations on a tiny generated demo under the runs folder",
@@ -628,9 +682,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in args.seeds
         for method in args.methods
     ]
-    runs = []
+    runs, missing = [], []
     start = time.time()
     for index, (method, size, seed) in enumerate(grid, 1):
+        if args.finished_only and not finished(run_dir(args.runs_dir, method, size, seed)):
+            missing.append({"method": method, "num_labeled": size, "seed": seed})
+            print(f"[{index}/{len(grid)}] {method} n={size} seed={seed}: not run", flush=True)
+            continue
         run = run_one(method, size, seed, args.runs_dir, budget, data_root)
         runs.append(run)
         print(
@@ -650,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"iterations of {batch_size}+{batch_size} images, "
         f"{len(args.seeds)} seed{'s' if len(args.seeds) != 1 else ''}"
     )
-    plot_path = plot_study(table, args.plot, title)
+    plot_path = plot_study(table, args.plot, title, runs)
     compared = [m for m in ("supervised", "unimatch_ddfp") if m in args.methods]
     predictions_path = None
     if len(compared) == 2:
@@ -662,6 +720,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
             data_root,
             Path(args.plot).with_name(Path(args.plot).stem + "_predictions.png"),
+            study=(table, runs, title),
         )
     results = {
         "setup": {
@@ -670,6 +729,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "demo_size": list(budget.demo_size),
             "heldout": args.heldout if args.split == "tuning" else None,
             "methods": {m: list(METHODS[m]) for m in args.methods},
+            "labels": {m: METHOD_LABELS[m] for m in args.methods},
             "num_labeled": args.num_labeled,
             "seeds": args.seeds,
             "epochs": epochs,
@@ -696,6 +756,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table": table,
         "paired_vs_baseline": paired,
         "runs": runs,
+        "not_run": missing,
         "plot": str(plot_path),
         "predictions_plot": None if predictions_path is None else str(predictions_path),
     }

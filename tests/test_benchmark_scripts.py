@@ -1,19 +1,17 @@
-"""benchmarks/train_step.py and ssl_demo.py: their numbers come from what they claim.
+"""benchmarks/train_step.py: its numbers come from what it claims.
 
 Nothing here asserts a speed; the measured numbers live in ``benchmarks/results``. The slow tests
-run each script's ``--quick`` mode and check the JSON fields the README quotes.
+profile the loop and run the script's ``--quick`` mode, and check the JSON fields the docs render.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,137 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import ssl_demo, train_step  # noqa: E402
-
-
-def _run(method: str, size: int, seed: int, miou: float) -> dict:
-    return {"method": method, "num_labeled": size, "seed": seed, "final_miou": miou, "seconds": 1.0}
-
-
-def _single_thread_env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-# ----------------------------------------------------------------------------------- ssl_demo
-def test_aggregate_gives_numpy_mean_and_sample_std_per_method_and_size():
-    rng = np.random.default_rng(0)
-    values = {
-        (m, n): rng.uniform(0.2, 0.6, 3) for m in ("supervised", "unimatch_ddfp") for n in (5, 9)
-    }
-    runs = [_run(m, n, s, float(v[s])) for (m, n), v in values.items() for s in (2, 0, 1)]
-    table = ssl_demo.aggregate(runs)
-    assert [(r["method"], r["num_labeled"]) for r in table] == [
-        ("supervised", 5), ("supervised", 9), ("unimatch_ddfp", 5), ("unimatch_ddfp", 9),
-    ]  # fmt: skip
-    for row in table:
-        expected = values[(row["method"], row["num_labeled"])]
-        assert row["seeds"] == [0, 1, 2]
-        assert row["miou"] == pytest.approx(expected.tolist())
-        assert row["mean_miou"] == pytest.approx(expected.mean())
-        assert row["std_miou"] == pytest.approx(expected.std(ddof=1))
-
-
-def test_paired_differences_subtract_the_baseline_at_the_same_seed_and_size():
-    runs = [
-        _run("unimatch_dropout", 10, 0, 0.30), _run("unimatch_dropout", 10, 1, 0.50),
-        _run("unimatch_ddfp", 10, 0, 0.35), _run("unimatch_ddfp", 10, 1, 0.45),
-        _run("unimatch_ddfp", 40, 0, 0.90),
-    ]  # fmt: skip
-    assert ssl_demo.paired_differences(runs) == [], "the default baseline (supervised) did not run"
-    paired = ssl_demo.paired_differences(runs, "unimatch_dropout")
-    assert len(paired) == 1, "size 40 has no baseline run, so it has no pair"
-    row = paired[0]
-    assert (row["method"], row["num_labeled"], row["seeds"]) == ("unimatch_ddfp", 10, [0, 1])
-    assert row["difference"] == pytest.approx([0.05, -0.05])
-    assert row["mean_difference"] == pytest.approx(0.0)
-    assert row["std_difference"] == pytest.approx(statistics.stdev([0.05, -0.05]))
-    assert row["wins"] == 1
-
-
-def _fake_demo_root(root: Path, num_train: int, num_val: int) -> Path:
-    for folder in ("JPEGImages", "SegmentationClass", "splits"):
-        (root / folder).mkdir(parents=True)
-    for split, count in (("train", num_train), ("val", num_val)):
-        lines = []
-        for index in range(count):
-            name = f"digits_{split}_{index:05d}"
-            (root / "JPEGImages" / f"{name}.jpg").write_bytes(name.encode())
-            (root / "SegmentationClass" / f"{name}.png").write_bytes(name.encode())
-            lines.append(f"JPEGImages/{name}.jpg SegmentationClass/{name}.png")
-        (root / "splits" / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    (root / "demo_dataset.json").write_text('{"parameters": {"num_train": 20}}')
-    return root
-
-
-def test_tuning_split_holds_out_training_images_only_and_never_the_demo_val_split(tmp_path):
-    demo = _fake_demo_root(tmp_path / "demo", num_train=20, num_val=5)
-    train, val = ssl_demo.carve_tuning_split(demo, tmp_path / "tuning", heldout=6, seed=3)
-    demo_train = (demo / "splits" / "train.txt").read_text().split("\n")[:-1]
-    demo_val = (demo / "splits" / "val.txt").read_text().split("\n")[:-1]
-    assert len(val) == 6 and len(train) == 14
-    assert not set(train) & set(val)
-    assert sorted(train + val) == sorted(demo_train)
-    assert not set(val) & set(demo_val)
-    tuning = tmp_path / "tuning"
-    assert (tuning / "splits" / "val.txt").read_text().split() == " ".join(val).split()
-    assert (tuning / "demo_dataset.json").read_text() == (demo / "demo_dataset.json").read_text()
-    for line in demo_train:
-        image = line.split()[0]
-        assert (tuning / image).read_bytes() == (demo / image).read_bytes()
-    assert not (tuning / "JPEGImages" / "digits_val_00000.jpg").exists()
-    again = ssl_demo.carve_tuning_split(demo, tuning, heldout=6, seed=3)
-    assert again == (train, val), "the same seed must hold out the same images"
+from benchmarks import train_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def loop():
     return train_step.load_loop()
-
-
-@pytest.mark.parametrize(
-    "method,expected",
-    [
-        ("supervised", {"mode": "supervised", "fp": "none"}),
-        ("unimatch_dropout", {"mode": "semi", "fp": "dropout", "perturbation": "ddfp"}),
-        ("unimatch_ddfp", {"mode": "semi", "fp": "ddfp", "perturbation": "ddfp"}),
-        ("unimatch_both", {"mode": "semi", "fp": "both", "perturbation": "ddfp"}),
-        (
-            "unimatch_random_direction",
-            {"mode": "semi", "fp": "ddfp", "perturbation": "random_direction"},
-        ),
-    ],
-)
-def test_every_method_command_is_read_by_the_loop_with_the_study_budget(loop, method, expected):
-    budget = ssl_demo.StudyBudget(epochs=2, iters_per_epoch=7, batch_size=3, eps=2.5)
-    out = Path("/tmp/run")
-    command = ssl_demo.loop_command(method, 12, 4, out, budget, Path("/data"))
-    assert command[:2] == [sys.executable, str(ssl_demo.LOOP_SCRIPT)]
-    args = loop.parse_args(command[2:])
-    for key, value in expected.items():
-        assert getattr(args, key) == value
-    assert (args.dataset, args.num_labeled, args.seed, args.out) == ("demo", 12, 4, out)
-    assert (args.epochs, args.iters_per_epoch, args.batch_size, args.eps) == (2, 7, 3, 2.5)
-    assert args.eval_every == budget.eval_every == 1
-    assert args.resume is None
-    resumed = loop.parse_args(
-        ssl_demo.loop_command(method, 12, 4, out, budget, Path("/d"), True)[2:]
-    )
-    assert resumed.resume == "auto"
-
-
-def test_all_labeled_bound_labels_every_training_image_for_as_many_iterations(loop, tmp_path):
-    (tmp_path / "splits").mkdir()
-    lines = [f"JPEGImages/{i}.jpg SegmentationClass/{i}.png" for i in range(50)]
-    (tmp_path / "splits" / "train.txt").write_text("\n".join(lines) + "\n")
-    budget = ssl_demo.StudyBudget(batch_size=4)
-    command = ssl_demo.loop_command(ssl_demo.ALL_LABELED, 10, 0, Path("/tmp/run"), budget, tmp_path)
-    args = loop.parse_args(command[2:])
-    assert (args.mode, args.num_labeled) == ("supervised", 50)
-    # A semi run with 10 labels makes (50 - 10) // 4 = 10 iterations an epoch.
-    assert args.iters_per_epoch == 10 and args.epochs == loop.parse_args([]).epochs
-    capped = ssl_demo.StudyBudget(batch_size=4, iters_per_epoch=3)
-    command = ssl_demo.loop_command(ssl_demo.ALL_LABELED, 10, 0, Path("/r"), capped, tmp_path)
-    assert loop.parse_args(command[2:]).iters_per_epoch == 3
 
 
 # --------------------------------------------------------------------------------- train_step
@@ -170,55 +43,99 @@ def test_synthetic_batch_has_the_loaders_layout_and_pads_a_quarter_of_each_unlab
     assert not torch.equal(u[0], u_mix[0])
 
 
-def test_overheads_are_median_ratios_and_the_split_over_the_rest_of_the_step():
+def test_overheads_are_median_ratios_and_the_split_over_the_rest_of_the_profiled_step():
     def entry(median, split=None):
-        body = {"step": {"median": median}}
+        body = {"cpu": {"step": {"median": median}}}
         if split is not None:
-            body["split"] = {part: {"median": s} for part, s in zip(train_step.SPLIT_PARTS, split)}
-        return {"wall": body}
+            parts = dict(zip(train_step.SPLIT_PARTS, split))
+            body["profile"] = {
+                "step": {"median": median / 2},
+                "split": {part: {"median": s} for part, s in parts.items()},
+            }
+        return body
 
-    results = {
+    configs = {
         "none": entry(8.0),
         "dropout": entry(10.0),
         "ddfp": entry(10.0, (0.5, 0.25, 0.25)),
         "both": entry(12.0, (1.0, 0.5, 0.5)),
     }
-    found = train_step.overheads(results, "wall")
-    assert found["both_vs_dropout"] == pytest.approx(0.2)
-    assert found["ddfp_vs_dropout"] == pytest.approx(0.0)
-    assert found["ddfp_vs_none"] == pytest.approx(0.25)
-    assert found["dropout_vs_none"] == pytest.approx(0.25)
-    assert found["split_ddfp"] == pytest.approx(1.0 / 9.0)
-    assert found["split_both"] == pytest.approx(2.0 / 10.0)
+    found = train_step.overheads(configs, "cpu")
+    assert found == pytest.approx(
+        {"both_vs_dropout": 0.2, "ddfp_vs_dropout": 0.0, "ddfp_vs_none": 0.25,
+         "dropout_vs_none": 0.25}
+    )  # fmt: skip
+    split = train_step.split_overheads(configs)
+    assert split == pytest.approx({"split_ddfp": 1.0 / 4.0, "split_both": 2.0 / 4.0})
+
+
+def test_a_range_takes_in_the_backward_of_its_operations_and_counts_an_inner_backward_once():
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    conv, linear = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Linear(8, 8)
+    x = torch.randn(2, 4, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        h = linear(x)
+        with record_function("branch"):
+            y = conv(h)
+        with record_function("own_gradient"):
+            leaf = h.detach().requires_grad_()
+            torch.autograd.grad(torch.tanh(leaf).sum(), leaf)
+        (y.sum() + h.sum()).backward()
+    events = prof.events()
+
+    def own(name):
+        [event] = [e for e in events if e.name == name]
+        return event.cpu_time_total / 1e6
+
+    [conv_backward] = [
+        e.cpu_time_total / 1e6
+        for e in events
+        if e.name == "autograd::engine::evaluate_function: ConvolutionBackward0"
+    ]
+    assert train_step.range_seconds(events, "branch") == [
+        pytest.approx(own("branch") + conv_backward)
+    ]
+    assert train_step.range_seconds(events, "own_gradient") == [pytest.approx(own("own_gradient"))]
+    assert train_step.range_seconds(events, "no_such_range") == []
 
 
 @pytest.mark.slow
-def test_split_timer_sees_every_ddfp_part_and_they_fit_inside_the_step(loop):
+def test_profile_split_reads_every_ddfp_range_and_the_branch_takes_in_its_backward(loop):
+    from torch.profiler import ProfilerActivity, profile
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         step = train_step.build_step(
             loop, "ddfp", "mobilenet_v2", 33, 1, torch.device("cpu"), threshold=0.0
         )
-        results = train_step.measure([step], repeats=2, warmup=1)
+        split = train_step.profile_split(step, iterations=2)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
     finally:
         torch.set_num_threads(threads)
-    wall = results["ddfp"]["wall"]
+    assert len(split["step"]["times"]) == 2
     for part in train_step.SPLIT_PARTS:
-        assert wall["split"][part]["minimum"] > 0, f"{part} was never timed"
-    assert sum(wall["split_share_of_step"].values()) < 1.0
-    assert step.state["flow_trainer"].trainer.num_steps == 3, "one flow step per iteration"
-    assert step.timer._branch_backward_start is None, "the branch's backward hook pair must close"
+        assert len(split["split"][part]["times"]) == 2
+        assert split["split"][part]["median"] > 0, f"{part} was never measured"
+    assert sum(split["split_share_of_step"].values()) < 1.0
+    assert step.state.flow_trainer.num_steps == 3, "one flow step per iteration"
+    events = prof.events()
+    [branch] = [e for e in events if e.name == train_step.SPLIT_PARTS["perturbed_branch"]]
+    [with_backward] = train_step.range_seconds(events, branch.name)
+    assert with_backward > 1.5 * branch.cpu_time_total / 1e6, "the branch's backward is missing"
 
 
 # ---------------------------------------------------------------------------- --quick end to end
 @pytest.mark.slow
-def test_train_step_quick_writes_every_field_the_readme_quotes(tmp_path):
+def test_train_step_quick_writes_every_field_the_docs_render(tmp_path):
     command = [
         sys.executable, "-m", "benchmarks.train_step", "--quick", "--threads", "1",
         "--fp", "dropout", "ddfp", "both", "--results-dir", str(tmp_path),
     ]  # fmt: skip
-    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, timeout=300)
     payload = json.loads((tmp_path / "train_step_cpu_quick.json").read_text())
     assert payload["benchmark"] == "train_step_cpu_quick" and payload["device"] == "cpu"
     results = payload["results"]
@@ -226,170 +143,21 @@ def test_train_step_quick_writes_every_field_the_readme_quotes(tmp_path):
     assert (setup["backbone"], setup["crop_size"], setup["labeled_per_iteration"]) == (
         "mobilenet_v2", 33, 1,
     )  # fmt: skip
-    assert setup["repeats"] == 2 and setup["torch_threads"] == 1
+    assert setup["repeats"] == 2 and setup["torch_threads"] == 1 and setup["profile_steps"] == 1
+    assert list(setup["clocks"]) == ["cpu"], "the CPU clock is the default on the CPU"
     assert set(results["configs"]) == {"dropout", "ddfp", "both"}
     for fp, entry in results["configs"].items():
-        for clock in ("wall", "cpu"):
-            step = entry[clock]["step"]
-            assert len(step["times"]) == 2 and step["q1"] <= step["median"] <= step["q3"]
-            assert ("split" in entry[clock]) == (fp != "dropout")
-    both = results["configs"]["both"]["wall"]
+        step = entry["cpu"]["step"]
+        assert len(step["times"]) == 2 and step["iqr"] >= 0
+        assert min(step["times"]) <= step["median"] <= max(step["times"])
+        assert ("profile" in entry) == (fp != "dropout")
+    both = results["configs"]["both"]["profile"]
     for part in train_step.SPLIT_PARTS:
         share = both["split"][part]["median"] / both["step"]["median"]
         assert both["split_share_of_step"][part] == pytest.approx(share)
-    medians = {fp: e["wall"]["step"]["median"] for fp, e in results["configs"].items()}
-    overhead = results["overhead"]["wall"]
-    assert overhead["both_vs_dropout"] == pytest.approx(medians["both"] / medians["dropout"] - 1)
-    assert {"split_ddfp", "split_both"} <= set(overhead) <= set(results["overhead"]["cpu"])
-
-
-@pytest.mark.slow
-def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path):
-    methods = ["supervised", "unimatch_dropout", "unimatch_ddfp"]
-    command = [
-        sys.executable, "-m", "benchmarks.ssl_demo", "--quick", "--methods", *methods,
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
-    ]  # fmt: skip
-    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=300)
-    payload = json.loads((tmp_path / "ssl_demo_quick.json").read_text())
-    results = payload["results"]
-    assert results["setup"]["split"] == "reported"
-    assert results["setup"]["iters_per_epoch"] == 2 and results["setup"]["seeds"] == [0]
-    assert [row["method"] for row in results["table"]] == methods
-    for row in results["table"]:
-        assert row["num_labeled"] == 4 and len(row["miou"]) == 1
-        assert 0.0 <= row["mean_miou"] <= 1.0 and row["std_miou"] == 0.0
-    for run in results["runs"]:
-        summary = json.loads((Path(run["out"]) / "summary.json").read_text())
-        assert run["final_miou"] == summary["final_miou"] and summary["iterations"] == 2
-        assert run["final_scores"] == summary["final_scores"]
-        assert set(run["final_scores"]) == {"foreground IoU", "foreground accuracy"}
-    [pair] = [p for p in results["paired_vs_baseline"] if p["method"] == "unimatch_ddfp"]
-    table = {row["method"]: row["mean_miou"] for row in results["table"]}
-    assert pair["baseline"] == "supervised"
-    assert pair["mean_difference"] == pytest.approx(table["unimatch_ddfp"] - table["supervised"])
-    plot = Path(results["plot"])
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=120)
-    again = json.loads((tmp_path / "ssl_demo_quick.json").read_text())["results"]
-    assert all(run["reused"] for run in again["runs"])
-    assert again["table"] == results["table"]
-
-
-def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop):
-    """The README quotes the study's runs at the demo's labelled-set size as the main job and its
-    supervised baseline."""
-    from ddfp_examples.demo_data import DEMO_NUM_LABELED
-
-    assert DEMO_NUM_LABELED in ssl_demo.parse_args([]).num_labeled
-    out, root = Path("/tmp/run"), Path("/data")
-    for method, own in (("unimatch_ddfp", []), ("supervised", ["--mode", "supervised"])):
-        command = ssl_demo.loop_command(
-            method, DEMO_NUM_LABELED, 0, out, ssl_demo.StudyBudget(), root
-        )
-        study = loop.parse_args(command[2:])
-        plain = loop.parse_args([*own, "--data-root", str(root), "--out", str(out)])
-
-        def same(a, b):
-            return tuple(a) == tuple(b) if isinstance(a, (list, tuple)) else a == b
-
-        differing = {
-            key: (value, getattr(plain, key))
-            for key, value in vars(study).items()
-            if not same(value, getattr(plain, key))
-        }
-        assert set(differing) <= {"device", "no_progress"}, differing
-        assert plain.device == "auto" and study.device == "cpu"
-
-
-# ------------------------------------------------------------------------- ddfp_direction_study
-def test_direction_study_plans_every_variant_for_every_seed_on_the_tuning_data(loop, tmp_path):
-    from benchmarks import ddfp_direction_study as study
-
-    args = study.parse_args(["--runs-dir", str(tmp_path)])
-    data_root = tmp_path / "tuning_data"
-    runs = study.plan(args, data_root)
-    assert [(r.seed, r.method) for r in runs] == [
-        (seed, method) for seed in (0, 1, 2) for method in study.LABELS
-    ]
-    assert len({r.out for r in runs}) == len(runs) == 12
-    parsed = {(r.seed, r.method): loop.parse_args(list(r.command[2:])) for r in runs}
-    for (seed, method), a in parsed.items():
-        assert (a.dataset, a.fp, a.seed, a.data_root) == ("demo", "ddfp", seed, data_root)
-        assert (
-            a.num_labeled == args.num_labeled
-            and a.out == tmp_path / method / (f"n{args.num_labeled}") / f"seed{seed}"
-        )
-    variant = {
-        "ddfp_default": ("ddfp", "as_is", 0.0),
-        "ddfp_deterministic": ("ddfp", "batch_stats", 0.0),
-        "ddfp_local": ("ddfp", "as_is", 0.1),
-        "random_direction": ("random_direction", "as_is", 0.0),
-    }
-    own = {"perturbation", "ddfp_head_mode", "ddfp_min_grad_ratio", "out"}
-    for (seed, method), a in parsed.items():
-        assert (a.perturbation, a.ddfp_head_mode, a.ddfp_min_grad_ratio) == variant[method]
-        reference = vars(parsed[(seed, "ddfp_default")])
-        differing = {k for k, v in vars(a).items() if v != reference[k]}
-        assert differing <= own, f"{method} differs from the default in more than its rule"
-    # The budget is ssl_demo's default one, i.e. the loop's own demo command.
-    a = parsed[(0, "ddfp_default")]
-    plain = loop.parse_args(["--fp", "ddfp"])
-    assert (a.epochs, a.iters_per_epoch, a.batch_size) == (
-        plain.epochs,
-        plain.iters_per_epoch,
-        plain.batch_size,
+    medians = {fp: e["cpu"]["step"]["median"] for fp, e in results["configs"].items()}
+    overhead = results["overhead"]
+    assert overhead["cpu"]["both_vs_dropout"] == pytest.approx(
+        medians["both"] / medians["dropout"] - 1
     )
-
-
-def test_direction_study_arguments_are_checked_and_reach_the_plan(tmp_path):
-    from benchmarks import ddfp_direction_study as study
-
-    args = study.parse_args(
-        [
-            "--methods",
-            "ddfp_local",
-            "--seeds",
-            "4",
-            "--min-grad-ratio",
-            "0.05",
-            "--num-labeled",
-            "30",
-        ]
-    )
-    [run] = study.plan(args, tmp_path)
-    assert run.command[run.command.index("--ddfp-min-grad-ratio") + 1] == "0.05"
-    assert (run.seed, run.num_labeled) == (4, 30)
-    for bad in (
-        ["--min-grad-ratio", "0"],
-        ["--seeds", "1", "1"],
-        ["--methods", "unimatch_dropout"],
-    ):
-        with pytest.raises(SystemExit):
-            study.parse_args(bad)
-
-
-def test_direction_study_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
-    from benchmarks import ddfp_direction_study as study
-
-    results = study.main(["--dry-run", "--seeds", "0", "1", "--runs-dir", str(tmp_path / "runs")])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert results == {} and len(lines) == 8
-    assert all("--fp ddfp" in line for line in lines)
-    assert not (tmp_path / "runs").exists()
-
-
-def test_aggregate_and_pairs_follow_the_methods_a_study_passes():
-    from benchmarks import ddfp_direction_study as study
-
-    runs = [
-        _run("random_direction", 9, 0, 0.2), _run("ddfp_default", 9, 0, 0.3),
-        _run("ddfp_default", 9, 1, 0.5), _run("random_direction", 9, 1, 0.6),
-    ]  # fmt: skip
-    table = ssl_demo.aggregate(runs, study.LABELS)
-    assert [row["method"] for row in table] == ["ddfp_default", "random_direction"]
-    assert table[0]["label"] == study.LABELS["ddfp_default"]
-    assert table[1]["mean_miou"] == pytest.approx(0.4)
-    [pair] = ssl_demo.paired_differences(runs, study.BASELINE, list(study.LABELS))
-    assert pair["method"] == "random_direction" and pair["difference"] == pytest.approx([-0.1, 0.1])
+    assert set(overhead["profile"]) == {"split_ddfp", "split_both"}

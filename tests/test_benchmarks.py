@@ -104,18 +104,17 @@ def test_reference_and_ddfp_lib_deltas_agree_on_rows_without_head():
     assert float(delta[~valid].abs().max()) == 0.0
 
 
-def test_chunked_design_times_the_same_computation_as_the_reference():
+def test_every_library_design_times_the_same_computation_as_the_reference():
     setup = perturbation.build_setup(4, "cpu", batch=1, size=5, density=0.5)
     # The fuse block runs in training mode (Dropout2d): equal seeds give equal dropout masks.
     outputs = {}
-    for design in ("reference", "ddfp_lib", "ddfp_lib_chunked"):
+    for design in perturbation.DESIGNS:
         torch.manual_seed(11)
         output = perturbation._step(design, setup, chunk_rows=7)()
         outputs[design] = perturbation._delta(design, output, setup["features"])
-    assert _cosine(outputs["ddfp_lib_chunked"], outputs["reference"]) > 0.999
-    torch.testing.assert_close(
-        outputs["ddfp_lib_chunked"], outputs["ddfp_lib"], rtol=1e-4, atol=1e-5
-    )
+    for design in ("ddfp_lib", "ddfp_lib_dense", "ddfp_lib_chunked"):
+        assert _cosine(outputs[design], outputs["reference"]) > 0.999, design
+        torch.testing.assert_close(outputs[design], outputs["ddfp_lib"], rtol=1e-4, atol=1e-5)
 
 
 def test_flop_count_matches_torch_flop_counter_for_head_and_density():
@@ -142,14 +141,29 @@ def test_fit_exponent_recovers_a_known_power_law():
     assert perturbation.fit_exponent([10.0], [1.0]) is None
 
 
-def test_timing_summary_matches_numpy_median_and_quartiles():
-    times = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2]
-    timing = common.Timing.from_times(times)
-    assert timing.median == pytest.approx(np.median(times))
-    assert timing.q1 == pytest.approx(np.percentile(times, 25))
-    assert timing.q3 == pytest.approx(np.percentile(times, 75))
-    assert timing.minimum == 0.1 and timing.times == times
-    assert timing.as_dict()["iqr"] == pytest.approx(timing.q3 - timing.q1)
+def test_interleaved_times_one_call_a_turn_after_an_untimed_one_and_rotates_the_order():
+    now, calls = [0.0], []
+
+    def work(name: str, step: float):
+        def call():
+            calls.append(name)
+            now[0] += step * calls.count(name)  # the k-th call of `name` takes k * step seconds
+
+        return call
+
+    timers = {
+        name: common.make_timer(work(name, step), clock=lambda: now[0])
+        for name, step in (("a", 1.0), ("b", 10.0))
+    }
+    measured = common.interleaved(timers, rounds=3)
+    assert calls == [*"aabb", *"bbaa", *"aabb"]
+    assert measured["a"].times == [2.0, 4.0, 6.0]
+    assert measured["b"].times == [20.0, 40.0, 60.0]
+    found = common.summary(measured["a"])
+    assert found["times"] == [2.0, 4.0, 6.0]
+    assert found["median"] == pytest.approx(np.median(found["times"]))
+    assert found["iqr"] == pytest.approx(np.subtract(*np.percentile(found["times"], [75, 25])))
+    assert found["mean"] == pytest.approx(4.0)
 
 
 def test_peak_memory_sees_torch_cpu_allocations():
@@ -219,9 +233,9 @@ def test_quick_perturbation_benchmark_writes_matching_designs(tmp_path: Path):
     written = json.loads((tmp_path / "perturbation_quick.json").read_text())
     assert written["command"].startswith("python -m benchmarks.perturbation --quick")
     (entry,) = written["results"]["shapes"]
-    for design in ("reference", "ddfp_lib", "ddfp_lib_chunked"):
+    for design in perturbation.DESIGNS:
         result = entry["designs"][design]
         assert result["status"] == "ok"
         assert result["memory"]["peak_mib"] > 0 and len(result["time"]["times"]) == 2
-    for design in ("ddfp_lib", "ddfp_lib_chunked"):
+    for design in ("ddfp_lib", "ddfp_lib_dense", "ddfp_lib_chunked"):
         assert entry["designs"][design]["cosine_vs_reference"]["overall"] > 0.999

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddfp_examples.datasets import DATASETS
+from ddfp_examples.runtime import DistributedContext
+
+from ddfp_lib import FlowDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "voc_unimatch_plus_ddfp.py"
@@ -216,7 +220,7 @@ def test_resize_range_defaults_per_dataset_and_reaches_the_training_sets(tiny_vo
     assert voc.resize_range == (0.5, 2.0)
     args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, "--resize-range", "0.9", "1.1"))
     assert args.resize_range == (0.9, 1.1)
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     loaders, _, _ = module.build_loaders(args, ctx)
     for name in ("x", "u"):
         assert loaders[name].dataset.dataset.ratio_range == (0.9, 1.1)
@@ -259,7 +263,7 @@ def test_aspp_dilations_flag_reaches_the_model_and_defaults_to_the_model_rule(
     tiny_voc_root, tmp_path
 ):
     module = load_script()
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
 
     def branch_dilations(*extra):
         args = module.parse_args(
@@ -335,22 +339,20 @@ def test_ddp_with_aux_bn_survives_iterations_without_ddfp_then_trains_every_stre
     args = module.parse_args(
         tiny_args(tiny_voc_root, tmp_path, "--fp", fp, "--aux-bn", "--epochs", "2") + held_back
     )
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     loaders, _, _ = module.build_loaders(args, ctx)
     batch = next(zip(loaders["x"], loaders["u"], loaders["u_mix"]))
     torch.manual_seed(0)
     model = module.build_model(args, 21, ctx)
-    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
+    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn, args.threshold)
     dist = one_process_gloo_group(tmp_path)
     try:
         net = module.wrap_distributed(streams, args, ctx)
-        state = module.build_training_state(
-            args, model, streams, module.DATASETS["voc"], 4, ctx.device
-        )
+        state = module.build_training_state(args, model, DATASETS["voc"], 4, ctx.device)
         aux = {k: v.clone() for k, v in model.head.state_dict().items() if ".aux." in k}
         for warmup, burn_in in schedule:
-            logged = module.train_iteration(
-                net, batch, state, args, ctx, warmup=warmup, burn_in=burn_in
+            logged = module.train_step(
+                net, [batch], state, args, ctx.device, warmup=warmup, burn_in=burn_in
             )
             assert torch.isfinite(logged["loss"])
         assert "loss_ddfp" in logged
@@ -385,10 +387,10 @@ def test_aux_bn_ddfp_direction_goes_through_the_auxiliary_batchnorm():
 
     module = load_script()
     torch.manual_seed(0)
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     args = module.parse_args(["--dataset", "demo", "--backbone", "mobilenet_v2"])
     model = module.build_model(args, 4, ctx)
-    streams = module.UniMatchDDFP(model, "ddfp", aux_bn=True).train()
+    streams = module.UniMatchDDFP(model, "ddfp", aux_bn=True, threshold=0.0).train()
     with torch.no_grad():
         for layer in model.head.modules():
             if isinstance(layer, DualBatchNorm2d):
@@ -399,13 +401,8 @@ def test_aux_bn_ddfp_direction_goes_through_the_auxiliary_batchnorm():
     ddfp = DensityDescendingPerturbation(estimator, eps=4.0)
     recorder = RecordingPerturbation(ddfp)
     images = [torch.rand(2, 3, 32, 32) for _ in range(4)]
-    streams.train_streams(
-        *images,
-        torch.zeros(2, 32, 32, dtype=torch.long),
-        perturbation=recorder,
-        perturbation_head=model.head,
-        threshold=0.0,
-    )
+    ddfp_stream = module.DensityStream(perturbation=recorder, head=model.head)
+    streams(images[0], (*images[1:], torch.zeros(2, 32, 32, dtype=torch.long)), ddfp_stream)
     ((features, mask, rng, got),) = recorder.calls
     assert mask.all()
 
@@ -474,7 +471,7 @@ def test_flow_burn_in_trains_the_flow_before_the_ddfp_stream_starts(tiny_voc_roo
     module = load_script()
     args = tiny_args(tiny_voc_root, tmp_path, "--log-every", "1", "--fp", "ddfp")
     args[args.index("--epochs") + 1] = "2"
-    initial = module.FlowDensityEstimator(256, 21, seed=0).state_dict()
+    initial = FlowDensityEstimator(256, 21, seed=0).state_dict()
     summary = module.main([*args, "--flow-burn-in", "1", "--stop-after", "2"])
     assert summary["iterations"] == 2
     rows = read_log(tmp_path)
@@ -510,14 +507,13 @@ def test_ddfp_direction_and_head_dropout_flags_reach_the_perturbation_and_the_mo
     tiny_voc_root, tmp_path
 ):
     module = load_script()
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     extra = ["--ddfp-head-mode", "running_stats", "--ddfp-min-grad-ratio", "0.2"]
     args = module.parse_args(tiny_args(tiny_voc_root, tmp_path, *extra, "--head-dropout", "0"))
     model = module.build_model(args, 21, ctx)
     assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout2d)] == [0.0, 0.0]
-    streams = module.UniMatchDDFP(model, args.fp, args.aux_bn)
-    state = module.build_training_state(args, model, streams, module.DATASETS["voc"], 4, ctx.device)
-    ddfp = state["perturbation"]
+    state = module.build_training_state(args, model, DATASETS["voc"], 4, ctx.device)
+    ddfp = state.ddfp.perturbation
     assert (ddfp.head_mode, ddfp.min_grad_ratio, ddfp.eps) == ("running_stats", 0.2, 4.0)
     defaults = module.parse_args(tiny_args(tiny_voc_root, tmp_path))
     assert (defaults.ddfp_head_mode, defaults.ddfp_min_grad_ratio) == ("as_is", 0.0)
@@ -526,7 +522,9 @@ def test_ddfp_direction_and_head_dropout_flags_reach_the_perturbation_and_the_mo
 
 def test_drawn_splits_never_hold_a_validation_image_from_the_same_folders(tiny_voc_root, tmp_path):
     module = load_script()
-    ctx = module.DistributedContext(0, 1, 0, torch.device("cpu"))
+    from ddfp_examples.loaders import dataset_lines
+
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     val_images = {line.split()[0] for line in (tiny_voc_root / "val.txt").read_text().splitlines()}
     # The validation images have masks and sit in JPEGImages/SegmentationClass with the rest.
     assert all((tiny_voc_root / image).is_file() for image in val_images) and len(val_images) == 3
@@ -536,7 +534,7 @@ def test_drawn_splits_never_hold_a_validation_image_from_the_same_folders(tiny_v
              "--val-list", str(tiny_voc_root / "val.txt"), "--seed", str(seed),
              "--out", str(tmp_path)]
         )  # fmt: skip
-        _, labeled, unlabeled, val_lines = module.dataset_lines(args, ctx)
+        _, labeled, unlabeled, val_lines = dataset_lines(args, ctx)
         drawn = {line.split()[0] for line in labeled + unlabeled}
         assert len(labeled) == 3 and len(drawn) == 12 - 3
         assert not drawn & val_images
@@ -583,14 +581,16 @@ def test_custom_three_class_run_reports_the_given_names_and_uses_every_dataset_f
     )
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
     module = load_script()
+    import ddfp_examples.metrics as metrics
+
     modes = []
-    evaluate = module.evaluate
+    evaluate = metrics.evaluate
 
     def recording_evaluate(*args, **kwargs):
         modes.append(kwargs["mode"])
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(module, "evaluate", recording_evaluate)
+    monkeypatch.setattr(metrics, "evaluate", recording_evaluate)
     out = tmp_path / "run"
     argv = [
         "--dataset", "custom", "--data-root", str(root), "--class-names", str(tmp_path / "names.txt"),
@@ -613,7 +613,7 @@ def test_custom_three_class_run_reports_the_given_names_and_uses_every_dataset_f
     assert recorded["hflip"] is False and recorded["eval_mode"] == "sliding"
     args = module.parse_args(argv)
     loaders, val_loader, sizes = module.build_loaders(
-        args, module.DistributedContext(0, 1, 0, torch.device("cpu"))
+        args, DistributedContext(0, 1, 0, torch.device("cpu"))
     )
     assert sizes == {"labeled": 4, "unlabeled": 4, "val": 4}
     for dataset in (loaders["x"].dataset.dataset, loaders["u"].dataset.dataset):
@@ -748,3 +748,137 @@ def test_warmup_iterations_ramp_the_learning_rate_then_decay_it(tiny_voc_root, t
     assert rates[3] == pytest.approx(args.lr)
     assert rates[4:] == pytest.approx([args.lr * (1 - k / 7) ** 0.9 for k in range(1, 7)])
     assert optimizer.param_groups[1]["lr"] == pytest.approx(rates[-1] * args.head_lr_mult)
+
+
+# Training habits: accumulation, mean teacher, multi-scale evaluation ----------------------------
+
+
+def _without_batchnorm(model):
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(model, name, torch.nn.Identity())
+        else:
+            _without_batchnorm(child)
+    return model
+
+
+def _halves(batch):
+    return [
+        tuple(tuple(t[half] for t in part) for part in batch) for half in (slice(0, 2), slice(2, 4))
+    ]
+
+
+@pytest.mark.parametrize("fp", ["none", "ddfp"])
+def test_accumulating_two_half_batches_takes_the_step_of_the_whole_batch(tiny_voc_root, fp):
+    from benchmarks.train_step import synthetic_batch
+
+    module = load_script()
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+    flags = ["--fp", fp, "--optimizer", "sgd", "--lr", "0.05", "--head-dropout", "0"]
+    args = module.parse_args(tiny_args(tiny_voc_root, Path("unused"), *flags))
+    batch = synthetic_batch(4, 32, torch.device("cpu"), seed=1)
+    weights = {}
+    for name, batches in (("whole", [batch]), ("accumulated", _halves(batch))):
+        torch.manual_seed(0)
+        model = _without_batchnorm(module.build_model(args, 21, ctx))
+        streams = module.UniMatchDDFP(model, args.fp, False, args.threshold)
+        state = module.build_training_state(args, model, DATASETS["voc"], 4, ctx.device)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        logged = module.train_step(streams, batches, state, args, ctx.device)
+        assert torch.isfinite(logged["loss"])
+        weights[name] = model.state_dict()
+    moved = 0
+    for key, value in weights["whole"].items():
+        torch.testing.assert_close(weights["accumulated"][key], value, rtol=1e-4, atol=1e-6)
+        moved += not torch.equal(value, before[key])
+    assert moved > 0, "the step must move the weights"
+
+
+def test_accumulate_counts_one_iteration_per_optimiser_step(tiny_voc_root, tmp_path):
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path, "--fp", "ddfp", "--log-every", "1")
+    args[args.index("--iters-per-epoch") + 1] = "10"
+    plain = module.main([*args, "--out", str(tmp_path / "plain")])
+    accumulated = module.main([*args, "--accumulate", "2", "--out", str(tmp_path / "acc")])
+    # 6 unlabelled images in batches of 2: 3 batches an epoch, one step of 2 of them.
+    assert (plain["iterations"], accumulated["iterations"]) == (3, 1)
+    with pytest.raises(SystemExit):
+        module.parse_args([*args, "--accumulate", "0"])
+
+
+def test_mean_teacher_supplies_pseudo_labels_and_resumes_exactly(tiny_voc_root, tmp_path):
+    module = load_script()
+    common = ["--fp", "ddfp", "--epochs", "2", "--seed", "3", "--ema", "--ema-decay", "0.9"]
+    straight = module.main(tiny_args(tiny_voc_root, tmp_path / "straight", *common))
+    assert "teacher mIoU" in straight["final_scores"]
+    module.main(tiny_args(tiny_voc_root, tmp_path / "split", *common, "--stop-after", "3"))
+    module.main(tiny_args(tiny_voc_root, tmp_path / "split", *common, "--resume"))
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=False)
+    assert a["teacher"]["steps"] == b["teacher"]["steps"] == 4
+    for part, key in [("model", k) for k in a["model"]] + [
+        ("teacher", k) for k in a["teacher"]["model"]
+    ]:
+        left = a[part][key] if part == "model" else a["teacher"]["model"][key]
+        right = b[part][key] if part == "model" else b["teacher"]["model"][key]
+        assert torch.allclose(left.float(), right.float(), atol=1e-6), f"{part}.{key}"
+    # The teacher is an average of the model's weights, not the model itself.
+    differs = [
+        k
+        for k, v in a["teacher"]["model"].items()
+        if v.is_floating_point() and not torch.equal(v, a["model"][k])
+    ]
+    assert differs
+
+
+def test_mean_teacher_update_is_the_running_mean_then_the_ema():
+    from ddfp_examples.training_state import MeanTeacher
+
+    student = torch.nn.Linear(3, 2)
+    teacher = MeanTeacher(student, decay=0.6)
+    teacher.start(student)
+    history = []
+    for _ in range(5):
+        with torch.no_grad():
+            student.weight.add_(torch.randn_like(student.weight))
+        history.append(student.weight.detach().clone())
+        teacher.update(student)
+    # Decays 0, 1/2, 2/3 -> capped at 0.6 from the third update on.
+    expected = history[0]
+    for step, weight in enumerate(history[1:], start=1):
+        decay = min(1 - 1 / (step + 1), 0.6)
+        expected = decay * expected + (1 - decay) * weight
+    torch.testing.assert_close(teacher.model.weight, expected)
+    assert not teacher.model.weight.requires_grad
+
+
+def test_eval_scales_and_flip_reach_the_evaluation(tiny_voc_root, tmp_path, monkeypatch):
+    module = load_script()
+    import ddfp_examples.metrics as metrics
+
+    seen = []
+    real = metrics.evaluate
+
+    def recording(*args, **kw):
+        seen.append((tuple(kw["scales"]), kw["flip"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(metrics, "evaluate", recording)
+    module.main(
+        tiny_args(tiny_voc_root, tmp_path, "--eval-scales", "0.75", "1.0", "1.25", "--eval-flip")
+    )
+    assert seen == [((0.75, 1.0, 1.25), True)]
+    with pytest.raises(SystemExit):
+        module.parse_args(tiny_args(tiny_voc_root, tmp_path, "--eval-scales", "0"))
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (4, 2), (16, 2)])
+def test_default_workers_leave_a_two_core_machine_to_the_training_threads(
+    tiny_voc_root, tmp_path, monkeypatch, cores, workers
+):
+    module = load_script()
+    args = tiny_args(tiny_voc_root, tmp_path)
+    del args[args.index("--workers") : args.index("--workers") + 2]
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert module.parse_args(args).workers == workers
+    assert module.parse_args([*args, "--workers", "3"]).workers == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddfp_examples.runtime import DistributedContext
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.sh"
@@ -126,7 +127,7 @@ def test_gpu_loop_runs_take_exactly_fifty_iterations_on_the_generated_folder(tmp
     argv = [str(root / Path(a).name) if a.endswith(".txt") else a for a in argv]
     argv[argv.index("--device") + 1] = "cpu"
     args = loop.parse_args(argv)
-    ctx = loop.DistributedContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     loaders, _, sizes = loop.build_loaders(args, ctx)
     per_epoch = min(len(loaders["u"]), args.iters_per_epoch)
     assert per_epoch * args.epochs == 50 and args.eval_every == args.epochs

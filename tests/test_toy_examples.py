@@ -174,8 +174,9 @@ def reference_prediction(checkpoint_path: Path, image) -> np.ndarray:
 
 
 def test_voc_palette_has_the_pascal_colours():
-    predict = load_example("predict")
-    palette = np.array(predict.voc_palette()).reshape(256, 3)
+    from ddfp_examples.transforms import voc_palette
+
+    palette = np.array(voc_palette()).reshape(256, 3)
     assert palette[0].tolist() == [0, 0, 0]
     assert palette[1].tolist() == [128, 0, 0]  # aeroplane
     assert palette[2].tolist() == [0, 128, 0]  # bicycle

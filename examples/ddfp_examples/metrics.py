@@ -1,16 +1,23 @@
-"""Evaluation: confusion-based IoU, full-image and sliding-window inference."""
+"""Evaluation: confusion-based IoU; full-image, sliding-window and multi-scale + flip inference."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["IoUMeter", "evaluate", "format_iou_table", "sliding_window_logits"]
+__all__ = [
+    "IoUMeter",
+    "evaluate",
+    "format_iou_table",
+    "multi_scale_probabilities",
+    "sliding_window_logits",
+]
 
 
 class IoUMeter:
@@ -112,6 +119,43 @@ def sliding_window_logits(
     return logits / counts
 
 
+def multi_scale_probabilities(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class probabilities averaged over rescaled (and mirrored) copies of ``image``.
+
+    Each copy is resized by a scale (bilinear), predicted, its logits resized back to the image's
+    size and turned into probabilities; with ``flip`` every scale also sees the mirrored image,
+    whose prediction is mirrored back. The mean over the copies is returned.
+
+    Shape:
+        - image: ``(B, 3, H, W)`` -> ``(B, K, H, W)`` float32
+    """
+    size = image.shape[-2:]
+    total: torch.Tensor | None = None
+    copies = 0
+    for scale in scales:
+        scaled = image
+        if scale != 1.0:
+            scaled_size = [max(1, round(side * scale)) for side in size]
+            scaled = F.interpolate(image, size=scaled_size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            logits = predict(scaled.flip(-1) if mirrored else scaled).float()
+            if mirrored:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            probabilities = logits.softmax(dim=1)
+            total = probabilities if total is None else total + probabilities
+            copies += 1
+    if total is None:
+        raise ValueError("scales must hold at least one scale")
+    return total / copies
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -121,24 +165,37 @@ def evaluate(
     mode: str = "full",
     window: int = 0,
     amp_dtype: torch.dtype | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> IoUMeter:
     """mIoU of ``model`` on ``loader`` (images at their own size), reduced over ranks.
 
     ``mode="sliding"`` evaluates crop-sized windows with a stride of 2/3 of the window.
+    ``scales`` and ``flip`` add multi-scale and mirrored copies, their probabilities averaged
+    (:func:`multi_scale_probabilities`); the default is the single plain prediction.
     """
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive, got {list(scales)}")
     was_training = model.training
     model.eval()
     meter = IoUMeter(num_classes, device=device)
+
+    def predict(image: torch.Tensor) -> torch.Tensor:
+        if mode == "sliding":
+            return sliding_window_logits(model, image, num_classes, window, window * 2 // 3)
+        return model(image)
+
+    plain = tuple(scales) == (1.0,) and not flip
     for image, mask, _ in loader:
         image, mask = image.to(device), mask.to(device)
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            if mode == "sliding":
-                logits = sliding_window_logits(model, image, num_classes, window, window * 2 // 3)
+            if plain:
+                scores = predict(image)
             else:
-                logits = model(image)
-        meter.update(logits.argmax(dim=1), mask)
+                scores = multi_scale_probabilities(predict, image, scales, flip)
+        meter.update(scores.argmax(dim=1), mask)
     meter.all_reduce()
     model.train(was_training)
     return meter

@@ -3,7 +3,8 @@
 The decoder is exposed in the pieces DDFP needs: ``decoder_input`` builds the 304-channel tensor
 ``v`` (48 reduced low-level channels + 256 upsampled ASPP channels at stride 4), ``head`` is the
 fuse block whose 256-channel output ``h`` is the density space, and ``classifier`` is the final
-1x1 conv. A perturbed branch is ``classifier(head(v + delta))``.
+1x1 conv. A perturbed branch is ``classifier(head(v + delta))``. The model satisfies
+:class:`ddfp_lib.adapters.Segmenter`, as the smp adapter does.
 
 References:
     Chen et al., "Encoder-Decoder with Atrous Separable Convolution for Semantic Image
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ddfp_lib.adapters import SegmenterOutput
 
 from .backbones import (
     BackboneWeightsError,
@@ -31,23 +33,9 @@ from .backbones import (
     read_backbone_checkpoint,
 )
 
-__all__ = ["ASPP", "DeepLabV3Plus", "SegmenterOutput", "build_deeplabv3plus"]
+__all__ = ["ASPP", "DeepLabV3Plus", "build_deeplabv3plus", "fuse_block"]
 
 BACKBONE_NAMES = ("resnet50", "resnet101", "mobilenet_v2")
-
-
-class SegmenterOutput(NamedTuple):
-    """Everything one forward pass exposes to the perturbation branches.
-
-    Attributes:
-        logits: class scores at input resolution, (B, K, H, W).
-        v: decoder input, (B, 304, H/4, W/4) for the default widths.
-        h: head output (the density space), (B, 256, H/4, W/4).
-    """
-
-    logits: Tensor
-    v: Tensor
-    h: Tensor
 
 
 def _conv_bn_relu(
@@ -60,6 +48,24 @@ def _conv_bn_relu(
         ),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
+    )
+
+
+def fuse_block(in_channels: int = 304, channels: int = 256, dropout: float = 0.1) -> nn.Sequential:
+    """DeepLabV3+'s decoder fuse block, DDFP's ``head``: (conv3x3-BN-ReLU-Dropout2d) x 2.
+
+    Shape:
+        - input ``(B, in_channels, H, W)`` -> output ``(B, channels, H, W)``
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
     )
 
 
@@ -158,16 +164,7 @@ class DeepLabV3Plus(nn.Module):
         self.backbone = backbone
         self.aspp = ASPP(high_channels, head_channels, aspp_dilations)
         self.reduce = _conv_bn_relu(low_channels, low_reduced, 1)
-        self.head = nn.Sequential(
-            nn.Conv2d(self.decoder_channels, head_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(head_channels),
-            nn.ReLU(inplace=True),
-            nn.Dropout2d(head_dropout),
-            nn.Conv2d(head_channels, head_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(head_channels),
-            nn.ReLU(inplace=True),
-            nn.Dropout2d(head_dropout),
-        )
+        self.head = fuse_block(self.decoder_channels, head_channels, head_dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

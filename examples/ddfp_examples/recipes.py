@@ -4,9 +4,9 @@ A recipe fills every option the user leaves unset; a flag given on the command l
 ``paper`` is UniMatch's / DDFP's VOC setting (ResNet-101, SGD, 80 epochs, crop 321). ``demo`` is a
 schedule for datasets of small images (about 64-96 px) that trains in minutes on a CPU: MobileNetV2
 at output stride 16, a 96-channel decoder, AdamW with a short warm-up, one supervised-only epoch
-(as in the reference DDFP loop) and two semi-supervised passes over the unlabelled images, and a
-pseudo-label threshold of 0.8 (at 0.95 too few digit pixels are confident within the budget). Its values were chosen on held-out training images of the built-in digit
-scenes (``benchmarks/ssl_demo.py --split tuning``), never on the reported validation split, and
+(as in the reference DDFP loop) and three semi-supervised passes over the unlabelled images, and a
+pseudo-label threshold of 0.8 (at 0.95 too few digit pixels are confident within the budget).
+Its values were chosen on held-out training images of the built-in digit scenes (``studies/ssl_demo.py --split tuning``), never on the reported validation split, and
 nothing in it refers to digits: any VOC-layout folder of small images can use it
 (``--dataset voc --recipe demo``).
 """

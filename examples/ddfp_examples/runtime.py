@@ -1,14 +1,15 @@
-"""What a training run needs besides the algorithm: processes, seeding, checkpoints, logs."""
+"""What a training run needs besides the algorithm: processes, seeding, checkpoints, progress, logs."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,18 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     "AMP_DTYPES",
+    "BAR_KEYS",
+    "Progress",
+    "evaluate_run",
+    "final_iou_table",
+    "finish_run",
+    "foreground_scores",
+    "progress_bar",
+    "record_evaluation",
+    "report",
+    "restore_run",
+    "run_summary",
+    "save_run",
     "DEVICES",
     "CsvLog",
     "DistributedContext",
@@ -369,3 +382,245 @@ class CsvLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint (as a dict) so that a resumed run continues.
+
+    Attributes:
+        epoch: epochs completed.
+        step_in_epoch: iterations done in the current epoch.
+        iteration: iterations done in all.
+        best_miou: best val mIoU so far (-1 before the first evaluation).
+        history: one entry per evaluation: epoch, iteration, miou, per-class iou, extra scores.
+        seconds: training + evaluation time so far, over every part of an interrupted run.
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    iteration: int = 0
+    best_miou: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def save_run(
+    path: Path,
+    model: torch.nn.Module,
+    state: Any,
+    progress: Progress,
+    args: Any,
+    ctx: DistributedContext,
+) -> None:
+    """Everything needed to continue exactly: weights, optimiser, scaler, flow, position, RNG.
+
+    ``state`` is the loop's training state (``optimizer``, ``scaler``, ``estimator``,
+    ``flow_trainer``, ``teacher``). Every process takes part (the RNG states are gathered); the main one writes.
+    """
+    rng = [rng_state()]
+    if ctx.distributed:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if not ctx.is_main:
+        return
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "progress": asdict(progress),
+        "rng": rng,
+        "args": vars(args),
+    }
+    if state.estimator is not None:
+        checkpoint["flow"] = state.estimator.state_dict()
+        checkpoint["flow_trainer"] = state.flow_trainer.state_dict()
+    if state.teacher is not None:
+        checkpoint["teacher"] = state.teacher.state_dict()
+    save_checkpoint(checkpoint, path)
+
+
+def restore_run(
+    path: Path, model: torch.nn.Module, state: Any, ctx: DistributedContext
+) -> Progress:
+    """Load a checkpoint of :func:`save_run` into ``model`` and ``state``; return its progress and
+    set this process's RNG state."""
+    checkpoint = load_checkpoint(path, ctx.device)
+    model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    if state.estimator is not None:
+        if "flow" not in checkpoint:
+            raise ValueError(
+                "the checkpoint has no flow: it was saved by a run without a DDFP stream"
+            )
+        state.estimator.load_state_dict(checkpoint["flow"])
+        state.flow_trainer.load_state_dict(checkpoint["flow_trainer"])
+    if state.teacher is not None:
+        if "teacher" not in checkpoint:
+            raise ValueError(
+                "the checkpoint has no mean teacher: it was saved by a run without --ema"
+            )
+        state.teacher.load_state_dict(checkpoint["teacher"])
+    set_rng_state(checkpoint["rng"][min(ctx.rank, len(checkpoint["rng"]) - 1)])
+    return Progress(**checkpoint["progress"])
+
+
+def progress_bar(batches: Iterator[Any], total: int, start: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over ``batches`` (``start`` of ``total`` done already), or the batches as they are."""
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, initial=start, desc=desc, dynamic_ncols=True, leave=True)
+
+
+#: The logged values the progress bar shows (every one goes to the CSV log).
+BAR_KEYS = ("loss", "loss_x", "loss_s1", "loss_fp", "loss_ddfp", "flow_nll", "confident")
+
+
+def report(
+    logged: dict[str, torch.Tensor],
+    bar: Any,
+    log: CsvLog | None,
+    progress: Progress,
+    lr: float,
+    images_per_s: float,
+    log_every: int,
+) -> None:
+    """Show an iteration's values on the bar and write every ``log_every``-th to the CSV log."""
+    values = {k: float(v) for k, v in logged.items()}
+    values["img_per_s"] = images_per_s
+    if hasattr(bar, "set_postfix"):
+        shown = {k: f"{v:.3f}" for k, v in values.items() if k in BAR_KEYS}
+        bar.set_postfix(shown | {"img/s": f"{images_per_s:.1f}"})
+    if progress.iteration % log_every == 0 and log is not None:
+        log.write({"iteration": progress.iteration, "epoch": progress.epoch, "lr": lr, **values})
+
+
+def foreground_scores(meter: Any, class_names: list[str]) -> dict[str, float]:
+    """For datasets whose class 0 is background: are objects found, and are they named right?"""
+    if class_names[0] != "background":
+        return {}
+    return {
+        "foreground IoU": meter.foreground_iou(0),
+        "foreground accuracy": meter.foreground_accuracy(0),
+    }
+
+
+def record_evaluation(
+    meter: Any,
+    progress: Progress,
+    class_names: list[str],
+    is_main: bool,
+    extra: dict[str, float] | None = None,
+) -> bool:
+    """Append an evaluation to the history, print it on the main process; True for a new best.
+
+    ``extra``: more scores to keep and show (e.g. the mean teacher's mIoU); the best is the
+    model's own mIoU.
+    """
+    import math
+
+    miou = meter.miou()
+    scores = foreground_scores(meter, class_names) | dict(extra or {})
+    progress.history.append(
+        {
+            "epoch": progress.epoch,
+            "iteration": progress.iteration,
+            "miou": miou,
+            "iou": [None if math.isnan(x) else x for x in meter.per_class_iou().tolist()],
+            "extra": scores,
+        }
+    )
+    if is_main:
+        shown = "".join(f", {name} {100 * value:.2f}" for name, value in scores.items())
+        print(
+            f"[ddfp] epoch {progress.epoch}: mIoU {100 * miou:.2f}"
+            f" (best {100 * max(miou, progress.best_miou):.2f}){shown}"
+        )
+    best = miou > progress.best_miou
+    if best:
+        progress.best_miou = miou
+    return best
+
+
+def run_summary(
+    progress: Progress, args: Any, class_names: list[str], stopped: bool
+) -> dict[str, Any]:
+    """What ``summary.json`` holds: the run's setting, its final and best scores, its time."""
+    last = progress.history[-1] if progress.history else None
+    return {
+        "mode": args.mode,
+        "fp": args.fp,
+        "perturbation": args.perturbation,
+        "dataset": args.dataset,
+        "iterations": progress.iteration,
+        "best_miou": progress.best_miou,
+        "final_miou": last["miou"] if last else None,
+        "final_scores": last.get("extra", {}) if last else {},
+        "final_iou_per_class": dict(zip(class_names, last["iou"])) if last else {},
+        "seconds": progress.seconds,
+        "stopped_early": stopped,
+    }
+
+
+def final_iou_table(progress: Progress, args: Any, class_names: list[str]) -> str:
+    """The per-class IoU table of the last evaluation, titled with the run's setting."""
+    from .metrics import format_iou_table
+
+    last = progress.history[-1]
+    title = (
+        f"{args.dataset} | mode={args.mode} fp={args.fp} | {progress.iteration} iterations | "
+        f"best mIoU {100 * progress.best_miou:.2f}"
+    )
+    return format_iou_table(last["iou"], class_names, title, last.get("extra"))
+
+
+def evaluate_run(
+    model: torch.nn.Module,
+    teacher: Any,
+    loader: Any,
+    spec: Any,
+    args: Any,
+    ctx: DistributedContext,
+) -> tuple[Any, dict[str, float]]:
+    """Val IoU of ``model`` at the run's scales and flips, and the mean teacher's mIoU beside it
+    (``{"teacher mIoU": ...}``, once the teacher has taken a step; ``{}`` without one)."""
+    from .metrics import evaluate
+
+    def score(network: torch.nn.Module) -> Any:
+        return evaluate(
+            network, loader, spec.num_classes, ctx.device, mode=spec.eval_mode,
+            window=args.crop_size, amp_dtype=amp_dtype(args.amp, ctx.device),
+            scales=args.eval_scales, flip=args.eval_flip,
+        )  # fmt: skip
+
+    extra = {}
+    if teacher is not None and teacher.steps > 0:
+        extra["teacher mIoU"] = score(teacher.model).miou()
+    return score(model), extra
+
+
+def finish_run(
+    progress: Progress,
+    args: Any,
+    class_names: list[str],
+    stopped: bool,
+    log: CsvLog | None,
+    ctx: DistributedContext,
+) -> dict[str, Any]:
+    """Close the log, write ``summary.json`` and print the IoU table (main process), leave the
+    process group; return the summary."""
+    summary = run_summary(progress, args, class_names, stopped)
+    if ctx.is_main:
+        if log is not None:
+            log.close()
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if not stopped and progress.history:
+            print(final_iou_table(progress, args, class_names))
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

@@ -14,6 +14,8 @@ an all-zero mask, so after the weak view that mask *is* the ignore mask (255 on 
 from __future__ import annotations
 
 __all__ = [
+    "cutmix",
+    "cutmix_targets",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IGNORE_INDEX",
@@ -26,6 +28,7 @@ __all__ = [
     "normalize",
     "denormalize",
     "mask_to_tensor",
+    "voc_palette",
 ]
 
 import math
@@ -35,9 +38,10 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
+from ddfp_lib import IGNORE_INDEX
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -299,6 +303,26 @@ def cutmix_box(
 _TO_NORMALIZED = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def cutmix(strong: torch.Tensor, strong_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paste the box region of a second unlabelled batch into the strong view.
+
+    Shape:
+        - strong, strong_mix: ``(B, 3, H, W)``; box: ``(B, H, W)`` of 0/1 (:func:`cutmix_box`)
+    """
+    return torch.where(box[:, None].bool(), strong_mix, strong)
+
+
+def cutmix_targets(labels, confidence, ignore, labels_mix, confidence_mix, ignore_mix, box):
+    """The pseudo-labels, confidences and padding of the CutMix-ed strong view: the second batch's
+    inside the box, the first's outside (every argument and result ``(B, H, W)``)."""
+    inside = box.bool()
+    return (
+        torch.where(inside, labels_mix, labels),
+        torch.where(inside, confidence_mix, confidence),
+        torch.where(inside, ignore_mix, ignore),
+    )
+
+
 def normalize(image: Image.Image) -> torch.Tensor:
     """Convert an RGB image to a float tensor normalised with the ImageNet mean and std.
 
@@ -343,3 +367,24 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     if mask.mode not in ("L", "P"):
         raise ValueError(f"a mask must be a single-channel 'L' or 'P' image, got {mask.mode!r}")
     return torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+def voc_palette() -> list[int]:
+    """The Pascal VOC colour map, for ``Image.putpalette``: a flat ``[r0, g0, b0, r1, ...]`` list.
+
+    Class ``i`` spreads the bits of ``i`` over the three channels, highest bit first: bit 0 of each
+    group of three goes to red, bit 1 to green, bit 2 to blue. 255 (ignore) comes out (224, 224, 192).
+
+    Returns:
+        768 values, the colours of the indices 0 to 255.
+    """
+    palette = []
+    for index in range(256):
+        colour = [0, 0, 0]
+        code = index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((code >> channel) & 1) << shift
+            code >>= 3
+        palette.extend(colour)
+    return palette
