@@ -385,3 +385,27 @@ def test_generator_check_fails_when_the_readme_table_is_stale(tmp_path):
     stale = first_row.replace("|", "| 1", 2)
     readme.write_text(readme.read_text().replace(first_row, stale))
     assert generator.main(options) == 1
+
+
+def test_readme_reading_of_the_demo_study_holds_seed_by_seed_in_its_runs():
+    """The README's sentence comparing DDFP with supervised only, the random direction and
+    dropout FP is what ssl_demo.json's runs say at every seed (the sentence must change with them)."""
+    readme = flat_text(ROOT / "README.md")
+    sentence = (
+        "DDFP in UniMatch's place beats supervised only and the random direction on every seed, "
+        "but UniMatch's own dropout FP gains more than DDFP on every seed"
+    )
+    assert sentence in readme
+    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())["results"]
+    size = max(results["setup"]["num_labeled"])
+    score = {
+        (run["method"], run["seed"]): run["final_miou"]
+        for run in results["runs"]
+        if run["num_labeled"] == size
+    }
+    seeds = sorted({seed for _, seed in score})
+    for seed in seeds:
+        ddfp = score[("unimatch_ddfp", seed)]
+        assert ddfp > score[("supervised", seed)], seed
+        assert ddfp > score[("unimatch_random_direction", seed)], seed
+        assert score[("unimatch_dropout", seed)] > ddfp, seed
