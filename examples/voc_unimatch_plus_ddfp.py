@@ -144,6 +144,11 @@ def confident_mask(confidence, ignore_mask, threshold, feature_size) -> Tensor:
     return F.interpolate(confident[:, None].float(), size=feature_size, mode="nearest")[:, 0].bool()
 
 
+def segmenter_of(net: nn.Module) -> nn.Module:
+    """The segmenter inside the streams module, itself inside DDP in a distributed run."""
+    return getattr(net, "module", net).model
+
+
 def unsupervised_losses(
     net: nn.Module, batch: Any, state: TrainingState, args: Any, device: torch.device, burn_in: bool
 ) -> tuple[dict[str, Tensor], StreamPredictions, Tensor]:
@@ -158,7 +163,7 @@ def unsupervised_losses(
     # mean teacher, of the weak view too).
     with torch.no_grad(), autocast(state, device), record_function("cutmix_pseudo_labels"):
         if teacher is not None:
-            teacher.start(net.module.model if hasattr(net, "module") else net.model)
+            teacher.start(segmenter_of(net))
             conf_mix, labels_mix = pseudo_labels(teacher.model(img_mix_w))
             pseudo = pseudo_labels(teacher.model(img_u_w))
         else:
@@ -251,7 +256,7 @@ def train_step(
     if confident:
         logged["confident"] = sum(confident) / len(confident)
     if state.teacher is not None and flow_features:
-        state.teacher.update(net.module.model if hasattr(net, "module") else net.model)
+        state.teacher.update(segmenter_of(net))
     return logged
 
 

@@ -11,7 +11,7 @@ adapter that needs it is built.
 """
 
 from .segformer import HFSegformer, SegformerFuse
-from .segmenter import Segmenter, SegmenterOutput
+from .segmenter import Segmenter, SegmenterOutput, SplitSegmenter
 from .smp import SMPFPN, SMPDeepLabV3Plus, SMPUPerNet, build_smp_deeplabv3plus
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "SegformerFuse",
     "Segmenter",
     "SegmenterOutput",
+    "SplitSegmenter",
     "build_smp_deeplabv3plus",
 ]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .segmenter import SegmenterOutput
+from .segmenter import SplitSegmenter
 
 __all__ = ["HFSegformer"]
 
@@ -82,7 +82,7 @@ class SegformerFuse(nn.Module):
         return head.dropout(head.activation(head.batch_norm(head.linear_fuse(v))))
 
 
-class HFSegformer(nn.Module):
+class HFSegformer(SplitSegmenter):
     """Wrap a transformers ``SegformerForSemanticSegmentation`` so the loop can perturb its decode
     head's fused features.
 
@@ -186,14 +186,3 @@ class HFSegformer(nn.Module):
         return F.interpolate(
             logits, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False
         )
-
-    def forward_features(self, x: torch.Tensor) -> SegmenterOutput:
-        """Full-resolution logits with the decoder input ``v`` and the head output ``h``."""
-        v = self.decoder_input(*self.encode(x))
-        h = self.head(v)
-        logits = self.upsample(self.classifier(h), x.shape[-2:])
-        return SegmenterOutput(logits=logits, v=v, h=h)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K, H, W)`` at the input resolution."""
-        return self.forward_features(x).logits

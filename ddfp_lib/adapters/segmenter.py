@@ -11,11 +11,11 @@ perturbed branch is ``classifier(head(v + delta))``. The example DeepLabV3+
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, cast, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Segmenter", "SegmenterOutput"]
+__all__ = ["Segmenter", "SegmenterOutput", "SplitSegmenter"]
 
 
 class SegmenterOutput(NamedTuple):
@@ -85,3 +85,33 @@ class Segmenter(Protocol):
 
     def forward_features(self, x: Tensor) -> SegmenterOutput:
         """Full-resolution logits with ``v`` and ``h``."""
+
+
+class SplitSegmenter(nn.Module):
+    """The passes every split segmenter builds from its pieces; a subclass defines ``encode``,
+    ``decoder_input``, ``head``, ``classifier`` and ``upsample`` (and ``decode``).
+
+    ``forward_features(x)`` is ``v = decoder_input(*encode(x))``, ``h = head(v)``,
+    ``logits = upsample(classifier(h), x.shape[-2:])``; ``forward(x)`` its logits.
+    """
+
+    def encode(self, x: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def decoder_input(self, *features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def upsample(self, logits: Tensor, size: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> SegmenterOutput:
+        """Full-resolution logits with the decoder input ``v`` and the head output ``h``."""
+        head, classifier = cast(nn.Module, self.head), cast(nn.Module, self.classifier)
+        v = self.decoder_input(*self.encode(x))
+        h = head(v)
+        logits = self.upsample(classifier(h), x.shape[-2:])
+        return SegmenterOutput(logits=logits, v=v, h=h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, K, H, W)`` at the input resolution."""
+        return self.forward_features(x).logits

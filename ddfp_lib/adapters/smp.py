@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .segmenter import SegmenterOutput
+from .segmenter import SplitSegmenter
 
 __all__ = ["SMPFPN", "SMPDeepLabV3Plus", "SMPUPerNet", "build_smp_deeplabv3plus"]
 
@@ -41,7 +41,7 @@ def _import_smp() -> Any:
     return segmentation_models_pytorch
 
 
-class _SMPSegmenter(nn.Module):
+class _SMPSegmenter(SplitSegmenter):
     """The parts every smp adapter shares: the checks of the wrapped model, the encoder call, the
     1x1 classifier, the upsampling and the passes built from them.
 
@@ -113,23 +113,6 @@ class _SMPSegmenter(nn.Module):
         return F.interpolate(
             logits, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=True
         )
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def decoder_input(self, *features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_features(self, x: torch.Tensor) -> SegmenterOutput:
-        """Full-resolution logits with the decoder input ``v`` and the head output ``h``."""
-        v = self.decoder_input(*self.encode(x))
-        h = self.head(v)
-        logits = self.upsample(self.classifier(h), x.shape[-2:])
-        return SegmenterOutput(logits=logits, v=v, h=h)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K, H, W)`` at the input resolution."""
-        return self.forward_features(x).logits
 
 
 class SMPDeepLabV3Plus(_SMPSegmenter):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddfp_lib.adapters import SegmenterOutput
+from ddfp_lib.adapters import SplitSegmenter
 
 from .backbones import (
     BackboneWeightsError,
@@ -107,7 +107,7 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(SplitSegmenter):
     """DeepLabV3+ whose decoder is split at the features DDFP perturbs.
 
     ``logits = up(classifier(head(v)))`` with
@@ -205,17 +205,6 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(
             logits, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=True
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits (B, K, H, W) at the input resolution."""
-        return self.forward_features(x).logits
-
-    def forward_features(self, x: Tensor) -> SegmenterOutput:
-        """Full-resolution logits together with the decoder input ``v`` and head output ``h``."""
-        v = self.decoder_input(*self.encode(x))
-        h = self.head(v)
-        logits = self.upsample(self.classifier(h), x.shape[-2:])
-        return SegmenterOutput(logits=logits, v=v, h=h)
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the pretrained encoder (base learning rate)."""
