@@ -93,6 +93,23 @@ class SplitSegmenter(nn.Module):
 
     ``forward_features(x)`` is ``v = decoder_input(*encode(x))``, ``h = head(v)``,
     ``logits = upsample(classifier(h), x.shape[-2:])``; ``forward(x)`` its logits.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Tiny(SplitSegmenter):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.stem, self.head, self.classifier = nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)
+        ...     def encode(self, x):
+        ...         return (self.stem(x),)
+        ...     def decoder_input(self, features):
+        ...         return features
+        ...     def upsample(self, logits, size):
+        ...         return nn.functional.interpolate(logits, size=tuple(size), mode="bilinear")
+        >>> out = Tiny().forward_features(torch.zeros(1, 3, 8, 8))
+        >>> tuple(out.logits.shape), tuple(out.v.shape), tuple(out.h.shape)
+        ((1, 2, 8, 8), (1, 4, 4, 4), (1, 4, 4, 4))
     """
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
