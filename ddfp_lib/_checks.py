@@ -131,6 +131,14 @@ class RowLayout:
             return rearrange(x, "b n d -> (b n) d")
         return rearrange(x, "b d h w -> (b h w) d")
 
+    def feature_last(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in this layout as a view with the feature dimension last: ``(*row_shape, D)``.
+
+        Indexing it with a mask (or its ``nonzero`` indices) of :attr:`row_shape` gathers rows
+        without copying the others.
+        """
+        return x.movedim(self.feature_axis, -1)
+
     def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` -> this layout."""
         if self.ndim == 2:

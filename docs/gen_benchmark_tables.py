@@ -416,6 +416,89 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     return text
 
 
+def _direction_study(stem: str, payload: dict[str, Any]) -> str:
+    results = payload["results"]
+    setup = results["setup"]
+    paired = {row["method"]: row for row in results["paired_vs_baseline"]}
+    baseline = next(iter(paired.values()))["baseline"] if paired else None
+    labels = {row["method"]: row["label"] for row in results["table"]}
+    rows = []
+    for row in results["table"]:
+        pair = paired.get(row["method"])
+        difference = "baseline" if row["method"] == baseline else "-"
+        if pair is not None:
+            difference = (
+                f"{100 * pair['mean_difference']:+.2f} ± {100 * pair['std_difference']:.2f} "
+                f"({pair['wins']}/{len(pair['seeds'])} seeds better)"
+            )
+        flags = " ".join(setup["methods"][row["method"]])
+        rows.append(
+            [
+                row["label"],
+                f"`{flags}`",
+                f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f}",
+                ", ".join(f"{100 * v:.1f}" for v in row["miou"]),
+                difference,
+            ]
+        )
+    text = (
+        "Which DDFP direction trains best? UniMatch + DDFP (`--fp ddfp`, the loop's demo recipe, "
+        f"{setup['num_labeled']} labelled images) on held-out training images "
+        f"({setup['heldout']} of them, never the demo's val split), seeds "
+        f"{', '.join(str(s) for s in setup['seeds'])}; each variant against "
+        f"{labels.get(baseline, baseline)} at the same seed.\n\n"
+        + _table(
+            ["direction", "loop flags", "mIoU % (mean ± std)", "per seed", "minus the reference"],
+            rows,
+        )
+    )
+    decision = results.get("decision")
+    if decision:
+        text += (
+            f"\n\nDecision rule: {decision['rule']}. Default: "
+            f"{labels.get(decision['default'], decision['default'])}."
+        )
+    return text
+
+
+def _share_cell(value: float | None) -> str:
+    """A share as a percentage with two decimals; "-" for a share of no pixels."""
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _gradient_probe(stem: str, payload: dict[str, Any]) -> str:
+    results = payload["results"]
+    setup = results["setup"]
+    rows = [
+        [
+            f"{row['min_grad_ratio']:g}",
+            _share_cell(row["held_still"]),
+            _share_cell(row["held_still_masked"]),
+            _share_cell(row["held_still_unmasked"]),
+            _share_cell(row["held_still_library"]),
+        ]
+        for row in results["ratios"]
+    ]
+    cosine = results["cosine"]
+    return (
+        f"DDFP's gradient on the decoder input of {setup['images']} unlabelled training images "
+        f"({'x'.join(str(n) for n in results['feature_shape'])}), read off the final weights and "
+        f"flow of `{setup['checkpoint']}`: {100 * results['confident_fraction']:.1f} % of the "
+        "pixels are confident (the mask); the unmasked pixels' median gradient norm is "
+        f"{results['unmasked_to_masked_median_norm']:.3f} times the masked pixels'. "
+        "Pixels that `--ddfp-min-grad-ratio r` holds still (norm below r times the masked "
+        "median), by plain autograd and by the library:\n\n"
+        + _table(
+            ["r", "% of all pixels", "% of masked", "% of unmasked", "% of all (library)"],
+            rows,
+        )
+        + "\n\nPer-pixel cosine over the masked pixels between two reference directions (the "
+        f"head's Dropout on): median {cosine['as_is_vs_as_is']['median']:.3f}, minimum "
+        f"{cosine['as_is_vs_as_is']['min']:.3f}; between a reference direction and the one "
+        f"without Dropout: median {cosine['as_is_vs_no_dropout']['median']:.3f}."
+    )
+
+
 def _flow_coupling(stem: str, payload: dict[str, Any]) -> str:
     results = payload["results"]
     flows = list(results["sizes"][0]["time"])
@@ -489,6 +572,11 @@ RENDERERS: dict[str, tuple[str, Callable[[str, dict[str, Any]], str]]] = {
         "DDFP's perturbation step against the reference design",
         _perturbation_designs,
     ),
+    "ddfp_direction_study": (
+        "Which DDFP direction helps? The demo on its tuning split",
+        _direction_study,
+    ),
+    "ddfp_gradient_probe": ("How local and how random is DDFP's direction?", _gradient_probe),
     "flow_coupling": ("The flow in other flow libraries", _flow_coupling),
     "vat_precision": ("VAT's probe length in float32", _vat_precision),
 }
@@ -662,12 +750,113 @@ def render_readme_results(payload: dict[str, Any]) -> str:
     )
 
 
+STEP_BEGIN = (
+    "<!-- perturbation step: written by docs/gen_benchmark_tables.py from perturbation.json -->"
+)
+STEP_END = "<!-- end of perturbation step -->"
+#: The issue's targets for the step on the CPU: this much faster and leaner than the reference.
+STEP_SPEED_TARGET, STEP_MEMORY_TARGET = 2.0, 5.0
+
+
+def render_readme_perturbation(payload: dict[str, Any]) -> str:
+    """The README's table of the perturbation step at the paper's crop, one row per mask density.
+
+    Ratios are the reference design's median time and peak memory over the design's, measured
+    side by side in one run; the head-alone column is the ceiling any implementation can reach
+    (every design runs the fuse block forward and backward once).
+    """
+    results = payload["results"]
+    by_key = {
+        (row["design"], row["density"]): row
+        for row in results.get("targets_b4_h129") or []
+        if row["num_classes"] == 21
+    }
+    densities = sorted({density for _, density in by_key})
+    rows = []
+    for density in densities:
+        auto = by_key.get(("ddfp_lib", density))
+        if auto is None:
+            continue
+        dense = by_key.get(("ddfp_lib_dense", density))
+        met = auto["speedup"] >= STEP_SPEED_TARGET and auto["memory_ratio"] >= STEP_MEMORY_TARGET
+        rows.append(
+            [
+                f"{100 * density:.0f} %",
+                f"{auto['speedup']:.2f}x / {auto['memory_ratio']:.1f}x",
+                "-" if dense is None else f"{dense['speedup']:.2f}x / {dense['memory_ratio']:.1f}x",
+                f"{auto['speedup_bound_head_only']:.2f}x / "
+                f"{auto['memory_ratio_bound_head_only']:.1f}x",
+                "yes" if met else "no",
+            ]
+        )
+    header = [
+        "confident pixels",
+        'default call (`chunk_rows="auto"`): faster / leaner',
+        "one dense call (`chunk_rows=None`)",
+        "head alone (ceiling)",
+        f"{STEP_SPEED_TARGET:g}x / {STEP_MEMORY_TARGET:g}x met",
+    ]
+    threads = results.get("shapes", [{}])[0].get("threads")
+    return (
+        f"{STEP_BEGIN}\n"
+        "One DDFP step at the paper's crop (`v` of 4 x 304 x 129 x 129, fuse block in front, "
+        "21 classes) against the public code's design (FrEIA flow, `(N, K, D)` mixture, flow on "
+        "the confident rows only), time and peak memory ratios measured side by side in one run"
+        f"{'' if threads is None else f' ({threads} CPU thread)'}:\n\n"
+        f"{_table(header, rows)}\n{STEP_END}"
+    )
+
+
+STEP_COST_BEGIN = (
+    "<!-- training-step cost: written by docs/gen_benchmark_tables.py from train_step_cpu.json -->"
+)
+STEP_COST_END = "<!-- end of training-step cost -->"
+
+
+def render_readme_train_step(payload: dict[str, Any]) -> str:
+    """The README's line on what the DDFP stream adds to an iteration of UniMatch's loop."""
+    results = payload["results"]
+    setup, overhead = results["setup"], results["overhead"]
+    clock = "cpu" if "cpu" in overhead else "wall"
+    found = overhead[clock]
+    added = found["both_vs_dropout"]
+    in_place = found.get("ddfp_vs_dropout")
+    text = (
+        f"{STEP_COST_BEGIN}\n"
+        f"Adding the DDFP stream to UniMatch's dropout-FP loop (`--fp both` against `--fp dropout`) "
+        f"adds {100 * added:.1f} % {clock.upper() if clock == 'cpu' else clock} time per iteration"
+    )
+    if in_place is not None:
+        text += f"; DDFP in place of the dropout stream (`--fp ddfp`) {100 * in_place:+.1f} %"
+    text += (
+        f" ({setup['backbone']}, crop {setup['crop_size']}, batch "
+        f"{setup['labeled_per_iteration']}+{setup['unlabeled_per_iteration']}, flow update "
+        f"included, {setup['repeats']} interleaved rounds, {setup['torch_threads']} CPU thread)."
+        f"\n{STEP_COST_END}"
+    )
+    return text
+
+
+def update_readme_train_step(text: str, payload: dict[str, Any]) -> str:
+    """``text`` with the training-step cost line replaced by the one rendered from ``payload``."""
+    return _replace_block(text, STEP_COST_BEGIN, STEP_COST_END, render_readme_train_step(payload))
+
+
+def _replace_block(text: str, begin_marker: str, end_marker: str, block: str) -> str:
+    begin, end = text.find(begin_marker), text.find(end_marker)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README lacks the markers {begin_marker!r} ... {end_marker!r}")
+    return text[:begin] + block + text[end + len(end_marker) :]
+
+
 def update_readme(text: str, payload: dict[str, Any]) -> str:
     """``text`` with the block between the README markers replaced by the rendered table."""
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"the README lacks the markers {README_BEGIN!r} ... {README_END!r}")
-    return text[:begin] + render_readme_results(payload) + text[end + len(README_END) :]
+    return _replace_block(text, README_BEGIN, README_END, render_readme_results(payload))
+
+
+def update_readme_perturbation(text: str, payload: dict[str, Any]) -> str:
+    """``text`` with the perturbation-step block replaced by the table rendered from ``payload``."""
+    return _replace_block(text, STEP_BEGIN, STEP_END, render_readme_perturbation(payload))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,6 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     study = dict(results).get("ssl_demo")
     readme = args.readme.read_text()
     new_readme = readme if study is None else update_readme(readme, study)
+    step = dict(results).get("perturbation")
+    if step is not None:
+        new_readme = update_readme_perturbation(new_readme, step)
+    cost = dict(results).get("train_step_cpu")
+    if cost is not None:
+        new_readme = update_readme_train_step(new_readme, cost)
     if args.check:
         current = args.page.read_text() if args.page.is_file() else ""
         stale = [

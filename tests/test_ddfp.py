@@ -382,6 +382,76 @@ def test_memory_of_the_default_step_is_bounded_by_the_chunk_not_by_the_row_count
     assert growth[None] > 4 * row_sized, "the probe must see the flow's graph of every row"
 
 
+def test_the_masked_rows_step_holds_no_copy_of_the_head_output_beyond_its_gradient(monkeypatch):
+    """On the CPU the default step evaluates the masked rows straight from the head output and
+    frees the output before the head's backward pass: its peak stays within about one head output
+    of the head's own forward and backward pass (a copy of every row, a row-layout gradient and a
+    separate direction would each add one more)."""
+    monkeypatch.setattr(ddfp_module, "AUTO_CHUNK_ROWS", 64)
+    torch.manual_seed(0)
+    est = FlowDensityEstimator(16, 3, hidden_dim=16, seed=0)
+    head = fuse_block(24, 16).train()
+    features = torch.randn(2, 24, 64, 64)
+    mask = mask_of_density((2, 64, 64), 0.3)
+
+    def head_alone():
+        leaf = features.detach().requires_grad_(True)
+        return torch.autograd.grad(head(leaf).sum(), leaf)[0]
+
+    step = DensityDescendingPerturbation(est, eps=2.0)
+    floor = peak_cpu_allocation_bytes(head_alone)
+    peak = peak_cpu_allocation_bytes(step, features, head=head, mask=mask)
+    output_bytes = 2 * 16 * 64 * 64 * 4
+    assert peak - floor < 1.5 * output_bytes, (peak, floor)
+
+
+@pytest.mark.parametrize("layout", ["rows", "maps", "channels_last_maps"])
+def test_masked_rows_path_equals_the_dense_call_in_every_layout(layout):
+    """Gathering the masked rows straight from the head output (or features) in their own layout
+    gives the dense call's step."""
+    torch.manual_seed(5)
+    est = FlowDensityEstimator(8, 3, hidden_dim=16, seed=0)
+    head = None
+    if layout == "rows":
+        features, mask = torch.randn(40, 8), torch.rand(40) > 0.5
+    else:
+        head = fuse_block().eval()
+        features, mask = torch.randn(2, 12, 5, 6), torch.rand(2, 5, 6) > 0.5
+        if layout == "channels_last_maps":
+            features = features.contiguous(memory_format=torch.channels_last)
+            head = head.to(memory_format=torch.channels_last)
+    dense = DensityDescendingPerturbation(est, eps=2.0, chunk_rows=None)(
+        features, head=head, mask=mask
+    )
+    masked = DensityDescendingPerturbation(est, eps=2.0, chunk_rows=4)(
+        features, head=head, mask=mask
+    )
+    torch.testing.assert_close(masked, dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "bfloat16"])
+def test_backward_through_head_equals_the_vector_jacobian_product(layout):
+    torch.manual_seed(3)
+    head = fuse_block(12, 8).eval()
+    features = torch.randn(2, 12, 7, 9)
+    weights = torch.randn(2, 8, 7, 9)
+    if layout in ("channels_last", "mixed"):
+        features = features.contiguous(memory_format=torch.channels_last)
+        head = head.to(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        weights = weights.contiguous(memory_format=torch.channels_last)
+    leaf = features.detach().requires_grad_(True)
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout == "bfloat16"):
+        outputs = head(leaf)
+    weights = weights.to(dtype)
+    expected = torch.autograd.grad(outputs, leaf, weights, retain_graph=True)[0]
+    held = [outputs, weights]
+    got = ddfp_module._backward_through_head(leaf, held)
+    assert held == []
+    assert torch.equal(got, expected)
+
+
 # ------------------------------------------------------------------ direction options
 def reference_direction(est, features, head, mask):
     """The reference computation written out: the head as it is, autograd, per-pixel unit."""

