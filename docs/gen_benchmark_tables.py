@@ -350,6 +350,13 @@ def _profile_variants(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _main_job_label(setup: dict[str, Any]) -> str:
+    """The README's main job in a study of the demo (studies recorded before it was named ran
+    DDFP alone in the dropout stream's place)."""
+    main = setup.get("main_job", "unimatch_ddfp")
+    return setup.get("labels", {}).get(main, main.replace("_", " "))
+
+
 def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     results = payload["results"]
     setup = results["setup"]
@@ -379,8 +386,8 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     split = (
         "the demo's validation split"
         if setup["split"] == "reported"
-        else "a held-out part of the training images (the split for choosing eps and the "
-        "labelled-set size)"
+        else "a held-out part of the training images (the split for choosing the recipe, the "
+        "streams, eps and the labelled-set size)"
     )
     text = (
         "The example loop on the built-in digit scenes (MobileNetV2 DeepLabV3+ with ImageNet "
@@ -389,16 +396,21 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
         f"epochs) of {setup['batch_size']} labelled + {setup['batch_size']} unlabelled images, "
         + (f"eps {setup['eps']:g}" if setup.get("eps") is not None else "the loop's default eps")
         + ", seeds "
-        f"{', '.join(str(s) for s in setup['seeds'])}. Score: {setup['score']}, on {split}. A "
-        "seed fixes the labelled images, so methods are compared seed by seed against "
-        f"{baseline_label}.\n\n"
+        f"{', '.join(str(s) for s in setup['seeds'])}. Score: {setup['score']}, on {split}."
+        + (
+            " A seed fixes the labelled images, so methods are compared seed by seed against "
+            f"{baseline_label}."
+            if baseline_label is not None
+            else ""
+        )
+        + "\n\n"
         + _table(
             [
                 "method",
                 "labelled images",
                 "mIoU % (mean ± std)",
                 "per seed",
-                f"minus {baseline_label}, same seeds",
+                f"minus {baseline_label}, same seeds" if baseline_label is not None else "-",
             ],
             rows,
         )
@@ -410,7 +422,7 @@ def _ssl_demo(stem: str, payload: dict[str, Any]) -> str:
     if predictions.parent.name == "assets" and predictions.parent.parent.name == "docs":
         text += (
             "\n\nThe first val images, the ground truth, and the final models of supervised only and"
-            f" UniMatch + DDFP at seed {min(setup['seeds'])}:\n\n"
+            f" {_main_job_label(setup)} at seed {min(setup['seeds'])}:\n\n"
             f"![val images, ground truth and predictions](assets/{predictions.name})"
         )
     return text
@@ -717,9 +729,10 @@ def render_readme_results(payload: dict[str, Any]) -> str:
                 f"{100 * pair['mean_difference']:+.2f} "
                 f"({pair['wins']}/{len(pair['seeds'])} seeds above; per seed {per_seed})"
             )
+        main = row["method"] == setup.get("main_job")
         rows.append(
             [
-                row["label"],
+                f"**{row['label']}** (main job)" if main else row["label"],
                 f"{100 * row['mean_miou']:.2f} ± {100 * row['std_miou']:.2f}",
                 ", ".join(f"{100 * v:.2f}" for v in row["miou"]),
                 difference,

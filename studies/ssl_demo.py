@@ -3,16 +3,17 @@
 Every run is one call of ``examples/voc_unimatch_plus_ddfp.py --dataset demo`` in a subprocess, at
 one fixed budget (epochs, iterations, batch) for all methods; its ``summary.json`` is read back.
 Methods (:data:`METHODS`): supervised only, UniMatch with its dropout FP, UniMatch with DDFP in place
-of dropout FP, UniMatch with both, UniMatch with a random-direction perturbation of DDFP's ``eps``
-in DDFP's place (the control for "any perturbation of that size"), and the upper bound: supervised
-with every training image labelled, for as many iterations. Seed ``s`` draws the
+of dropout FP, UniMatch with both (the loop's demo recipe: the README's main job), a random-direction
+perturbation of DDFP's ``eps`` in DDFP's place, alone and beside dropout FP (the controls for "any
+perturbation of that size"), and the upper bound: supervised with every training image labelled, for
+as many iterations. Seed ``s`` draws the
 labelled set, the initialisation of the new layers and the data order, so runs with the same seed
 share their labelled images and differences between methods can be read seed by seed.
 
 The score is the mIoU of the last epoch on the demo's val split: no checkpoint is picked on it.
 With the default budget every run is the loop's own demo command (evaluation after every epoch
 draws nothing from the training RNG), so the runs with the demo's default labelled-set size
-(``DEMO_NUM_LABELED``, 120) are the README's main job (``unimatch_ddfp``) and its supervised
+(``DEMO_NUM_LABELED``, 120) are the README's main job (:data:`MAIN_JOB`) and its supervised
 baseline. ``--split tuning`` runs the same grid with a private copy of the demo whose val split
 is a held-out part of the *training* images (``--heldout`` of them, never used for training
 there), the split on which to choose ``--eps`` and the demo's labelled-set size before a reported
@@ -23,8 +24,8 @@ after saving a checkpoint continues from it; ``--previous-results`` takes the ru
 results JSON recorded (at the same budget) where their folders are gone. Writes ``benchmarks/results/ssl_demo.json`` and the
 plot ``docs/assets/ssl_demo.png``.
 
-    python -m studies.ssl_demo                         # the study: 6 methods x 3 seeds
-    python -m studies.ssl_demo --methods supervised unimatch_ddfp --num-labeled 120 --seeds 0
+    python -m studies.ssl_demo                         # the study: 7 methods x 3 seeds
+    python -m studies.ssl_demo --methods supervised unimatch_both --num-labeled 120 --seeds 0
                                                           # the README's main job and its baseline
     python -m studies.ssl_demo --split tuning --eps 2  # the same on the tuning split
     python -m studies.ssl_demo --quick                 # tiny generated data, seconds per run
@@ -56,6 +57,7 @@ from ddfp_examples.recipes import RECIPES  # noqa: E402
 from benchmarks.common import REPO_ROOT, write_results  # noqa: E402
 
 __all__ = [
+    "MAIN_JOB",
     "METHODS",
     "METHOD_LABELS",
     "QUICK_BUDGET",
@@ -83,8 +85,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     "unimatch_ddfp": ("--fp", "ddfp"),
     "unimatch_both": ("--fp", "both"),
     "unimatch_random_direction": ("--fp", "ddfp", "--perturbation", "random_direction"),
+    "unimatch_both_random_direction": ("--fp", "both", "--perturbation", "random_direction"),
     "supervised_all_labeled": ("--mode", "supervised"),
 }
+#: The loop's own demo command (``--fp both`` in the demo recipe): the README's main job.
+MAIN_JOB = "unimatch_both"
 #: The upper bound: every training image labelled, with the iterations of the other methods.
 ALL_LABELED = "supervised_all_labeled"
 METHOD_LABELS: dict[str, str] = {
@@ -93,6 +98,7 @@ METHOD_LABELS: dict[str, str] = {
     "unimatch_ddfp": "UniMatch + DDFP",
     "unimatch_both": "UniMatch + dropout FP + DDFP",
     "unimatch_random_direction": "UniMatch + random direction",
+    "unimatch_both_random_direction": "UniMatch + dropout FP + random direction",
     "supervised_all_labeled": "supervised, every image labelled",
 }
 #: The method every other one is compared with seed by seed, unless ``--baseline`` says otherwise:
@@ -612,7 +618,7 @@ def plot_predictions(
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(columns[column], fontsize=8)
+                axis.set_title(textwrap.fill(columns[column], 20), fontsize=8)
     from matplotlib.patches import Patch
 
     names = models[0][1].spec.class_names
@@ -725,7 +731,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.demo_size, args.heldout = QUICK_BUDGET.demo_size, 6
         suffix += "_quick"
     args.runs_dir = args.runs_dir or DEFAULT_RUNS_DIR
-    args.runs_dir = Path(args.runs_dir) / (args.split + ("_quick" if args.quick else ""))
+    split_dir = Path(args.runs_dir) / (args.split + ("_quick" if args.quick else ""))
+    # The held-out copy is carved once per split, whatever step norm the runs use.
+    args.tuning_data = split_dir / "tuning_data"
+    if args.eps is not None:
+        # A study at another step norm than the loop's default is a study of its own: its own
+        # runs and its own JSON, beside the default's.
+        suffix += f"_eps{args.eps:g}"
+        split_dir = split_dir.with_name(split_dir.name + f"_eps{args.eps:g}")
+    args.runs_dir = split_dir
     args.name = f"ssl_demo{suffix}"
     if args.plot is None:
         args.plot = (
@@ -747,7 +761,7 @@ def prepare_data(args: argparse.Namespace) -> Path:
     )
     if args.split == "reported":
         return demo_root
-    tuning_root = args.runs_dir / "tuning_data"
+    tuning_root = args.tuning_data
     carve_tuning_split(demo_root, tuning_root, args.heldout)
     return tuning_root
 
@@ -823,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{len(args.seeds)} seed{'s' if len(args.seeds) != 1 else ''}"
     )
     plot_path = plot_study(table, args.plot, title, runs)
-    compared = [m for m in ("supervised", "unimatch_ddfp") if m in args.methods]
+    compared = [m for m in ("supervised", MAIN_JOB) if m in args.methods]
     predictions_path = None
     size, seed = max(args.num_labeled), min(args.seeds)
     checkpoints = [run_dir(args.runs_dir, m, size, seed) / "latest.pt" for m in compared]
@@ -863,6 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads_per_run": budget.threads,
             "device": budget.device,
             "eps": budget.eps,
+            "main_job": MAIN_JOB,
             "score": "mIoU after the last epoch (no checkpoint is picked on the val split)",
             "example_command": " ".join(
                 loop_command(

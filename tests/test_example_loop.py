@@ -285,13 +285,13 @@ def test_bad_resize_range_is_rejected(tiny_voc_root, tmp_path, bad):
         load_script().parse_args(tiny_args(tiny_voc_root, tmp_path, "--resize-range", *bad))
 
 
-def test_feature_perturbation_default_is_ddfp_on_the_demo_and_both_elsewhere(
+def test_feature_perturbation_default_is_both_streams_and_a_given_flag_wins(
     tiny_voc_root, tmp_path
 ):
     module = load_script()
-    assert module.parse_args(["--dataset", "demo"]).fp == "ddfp"
+    assert module.parse_args(["--dataset", "demo"]).fp == "both"
     assert module.parse_args(tiny_args(tiny_voc_root, tmp_path)).fp == "both"
-    assert module.parse_args(["--dataset", "demo", "--fp", "both"]).fp == "both"
+    assert module.parse_args(["--dataset", "demo", "--fp", "ddfp"]).fp == "ddfp"
     assert module.parse_args(["--dataset", "demo", "--mode", "supervised"]).fp == "none"
 
 

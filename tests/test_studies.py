@@ -120,6 +120,10 @@ def test_tuning_split_holds_out_training_images_only_and_never_the_demo_val_spli
             "unimatch_random_direction",
             {"mode": "semi", "fp": "ddfp", "perturbation": "random_direction"},
         ),
+        (
+            "unimatch_both_random_direction",
+            {"mode": "semi", "fp": "both", "perturbation": "random_direction"},
+        ),
     ],
 )
 def test_every_method_command_is_read_by_the_loop_with_the_study_budget(loop, method, expected):
@@ -235,7 +239,7 @@ def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop
 
     assert DEMO_NUM_LABELED in ssl_demo.parse_args([]).num_labeled
     out, root = Path("/tmp/run"), Path("/data")
-    for method, own in (("unimatch_ddfp", []), ("supervised", ["--mode", "supervised"])):
+    for method, own in ((ssl_demo.MAIN_JOB, []), ("supervised", ["--mode", "supervised"])):
         command = ssl_demo.loop_command(
             method, DEMO_NUM_LABELED, 0, out, ssl_demo.StudyBudget(), root
         )
@@ -252,6 +256,24 @@ def test_default_study_runs_at_the_demo_size_are_the_loops_own_demo_command(loop
         }
         assert set(differing) <= {"device", "no_progress"}, differing
         assert plain.device == "auto" and study.device == "cpu"
+
+
+def test_a_study_at_another_step_norm_keeps_its_own_runs_and_json_on_the_same_held_out_data(
+    tmp_path,
+):
+    """Choosing ``--eps`` on the tuning split compares studies at several step norms: one of them
+    must neither reuse the default's runs (they are read back by folder) nor overwrite its JSON,
+    and all of them must score on the same held-out images."""
+    base = ssl_demo.parse_args(["--split", "tuning", "--runs-dir", str(tmp_path)])
+    other = ssl_demo.parse_args(["--split", "tuning", "--eps", "2", "--runs-dir", str(tmp_path)])
+    assert (base.name, base.runs_dir) == ("ssl_demo_tuning", tmp_path / "tuning")
+    assert (other.name, other.runs_dir) == ("ssl_demo_tuning_eps2", tmp_path / "tuning_eps2")
+    assert other.tuning_data == base.tuning_data == tmp_path / "tuning" / "tuning_data"
+    reported = ssl_demo.parse_args(["--eps", "0.5", "--runs-dir", str(tmp_path)])
+    assert (reported.name, reported.runs_dir) == ("ssl_demo_eps0.5", tmp_path / "reported_eps0.5")
+    budget = ssl_demo.StudyBudget(eps=other.eps)
+    command = ssl_demo.loop_command("unimatch_ddfp", 4, 0, tmp_path / "o", budget, tmp_path)
+    assert command[command.index("--eps") + 1] == "2.0"
 
 
 # ------------------------------------------------------------------------- ddfp_direction_study

@@ -86,9 +86,11 @@ BACKGROUND_IMAGES: tuple[str, ...] = (
 DEMO_NUM_LABELED = 120
 """Labelled images the example loop draws from the demo's training split when given no split.
 
-Chosen on held-out training images (``studies/ssl_demo.py --split tuning``, seed 0, the demo
-recipe): with 60 the segmenter trained on them alone stays near 40 % mIoU; with 120 it reaches
-about 46 % and UniMatch + DDFP adds about 6 (``benchmarks/results/ssl_demo_tuning.json``). ``studies/ssl_demo.py`` compares the methods at this size."""
+Chosen on held-out training images (``studies/ssl_demo.py --split tuning``, the demo recipe):
+with 60 the segmenter trained on them alone stays near 40 % mIoU (seed 0); with 120 it reaches
+about 49 % over three seeds and the main job adds about 4
+(``benchmarks/results/ssl_demo_tuning.json``). ``studies/ssl_demo.py`` compares the methods at
+this size."""
 
 _FORMAT_VERSION = 3
 _STAMP_NAME = "demo_dataset.json"

@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["none", "dropout", "ddfp", "both"],
         default=None,
         help="feature perturbation streams: UniMatch's dropout FP, DDFP, or both (default: the "
-        "recipe's, both for paper, ddfp for demo)",
+        "recipe's: both, for paper and demo)",
     )
     method.add_argument(
         "--perturbation",
